@@ -1,0 +1,9 @@
+"The one import a user needs: `from fastreid_rollback.all import *`"
+from .metrics import *
+from .synthetic import *
+from .data import *
+from .model import *
+from .learner import *
+from .rollback import *
+from .experiment import *
+from .cli import *
