@@ -1,0 +1,83 @@
+"Tests of `synthetic_reid`: layout, determinism, disjoint domains, errors."
+import hashlib, random
+from pathlib import Path
+import numpy as np, pytest
+from PIL import Image
+from fastreid_rollback.synthetic import synthetic_reid
+
+SMALL = dict(n_ids=6, n_cams=3, imgs_per_id_cam=2, n_distractors=3, n_junk=2, size=(64, 32))
+
+def files(root): return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob('*')) if f.is_file()}
+
+def parse(name):
+    pid,rest = name.split('_c', 1)
+    return int(pid), int(rest.split('s', 1)[0])
+
+def test_layout(tmp_path):
+    root = synthetic_reid(tmp_path, **SMALL)
+    assert root == tmp_path/'Market-1501-v15.09.15'
+    sets = {d: [parse(f.name) for f in (root/d).glob('*.jpg')] for d in ('bounding_box_train', 'query', 'bounding_box_test')}
+    assert {p for p,c in sets['bounding_box_train']} == {1, 2, 3}
+    assert {p for p,c in sets['query']} == {4, 5, 6}
+    assert len(sets['bounding_box_train']) == 3*3*2
+    g = sets['bounding_box_test']
+    assert sum(p == 0 for p,c in g) == 3 and sum(p == -1 for p,c in g) == 2
+    qcam = {p: c for p,c in sets['query']}
+    assert len({(p, c) for p,c in sets['query']}) == 3            # one query camera per test identity
+    assert all(c != qcam[p] for p,c in g if p > 0)                # gallery from the other cameras
+    assert {c for p,c in sets['query'] + g} <= {1, 2, 3}
+    im = Image.open(next((root/'query').iterdir()))
+    assert im.format == 'JPEG' and im.size == (32, 64) and im.mode == 'RGB'
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith('.')]   # no temporary folder left
+
+def test_same_arguments_same_bytes(tmp_path):
+    random.seed(1); np.random.seed(1)
+    a = files(synthetic_reid(tmp_path/'a', **SMALL))
+    random.seed(2); np.random.seed(2)                              # global RNGs play no part
+    b = files(synthetic_reid(tmp_path/'b', **SMALL))
+    assert a == b
+    c = files(synthetic_reid(tmp_path/'c', **SMALL, seed=1))
+    assert a.keys() != c.keys() or a != c
+    assert {k: v for k,v in a.items() if k.endswith('.jpg')} != {k: v for k,v in c.items() if k.endswith('.jpg')}
+
+def test_identity_and_camera_are_functions_of_seed(tmp_path):
+    # identity 1 seen by camera 1 looks the same whatever else the dataset holds
+    a = synthetic_reid(tmp_path/'a', **SMALL)
+    b = synthetic_reid(tmp_path/'b', **{**SMALL, 'n_ids': 10, 'n_cams': 4, 'n_distractors': 0})
+    fa = sorted((a/'bounding_box_train').glob('0001_c1s*.jpg'))
+    fb = sorted((b/'bounding_box_train').glob('0001_c1s*.jpg'))
+    assert len(fa) == 2 and [f.name for f in fa] == [f.name for f in fb[:2]]
+    assert [f.read_bytes() for f in fa] == [f.read_bytes() for f in fb[:2]]
+
+def test_disjoint_source_domain(tmp_path):
+    tgt = synthetic_reid(tmp_path/'tgt', **SMALL)
+    src = synthetic_reid(tmp_path/'src', **SMALL, id_start=1001, cam_start=7)
+    ids = lambda r: {parse(f.name)[0] for f in r.rglob('*.jpg')} - {0, -1}
+    cams = lambda r: {parse(f.name)[1] for f in r.rglob('*.jpg')}
+    assert ids(src) == set(range(1001, 1007)) and not ids(src) & ids(tgt)
+    assert cams(src) == {7, 8, 9} and not cams(src) & cams(tgt)
+
+def test_identities_differ_and_persist(tmp_path):
+    "Images of one identity are closer to each other than to other identities (in the same camera)"
+    root = synthetic_reid(tmp_path, n_ids=12, n_cams=2, imgs_per_id_cam=4, n_distractors=0, n_junk=0)
+    def crop(f): return np.asarray(Image.open(f), dtype=float)[16:-16, 16:-16].mean((0, 1))  # mean colour of the person area
+    same,other = [],[]
+    for p in range(1, 7):
+        x = [crop(f) for f in sorted((root/'bounding_box_train').glob(f'{p:04d}_c1s*.jpg'))]
+        y = [crop(f) for f in sorted((root/'bounding_box_train').glob(f'{p%6+1:04d}_c1s*.jpg'))]
+        same.append(np.linalg.norm(x[0]-x[1])); other.append(np.linalg.norm(x[0]-y[0]))
+    assert np.mean(same) < np.mean(other)
+
+def test_cached_and_errors(tmp_path):
+    root = synthetic_reid(tmp_path, **SMALL)
+    stamp = (root/'query').stat().st_mtime_ns
+    assert synthetic_reid(tmp_path, **SMALL) == root and (root/'query').stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match='overwrite=True'): synthetic_reid(tmp_path, **{**SMALL, 'seed': 3})
+    root2 = synthetic_reid(tmp_path, **{**SMALL, 'seed': 3}, overwrite=True)
+    assert root2 == root and files(root) != {}
+    (tmp_path/'mine'/'x').mkdir(parents=True)
+    with pytest.raises(FileExistsError, match='mine'): synthetic_reid(tmp_path, name='mine', overwrite=True)
+    assert (tmp_path/'mine'/'x').exists()                           # never deletes a folder it did not make
+    for kw,word in [(dict(n_ids=1), 'n_ids'), (dict(n_cams=1), 'n_cams'), (dict(imgs_per_id_cam=0), 'imgs_per_id_cam'),
+                    (dict(id_start=0), 'id_start'), (dict(size=(8, 4)), 'size')]:
+        with pytest.raises(ValueError, match=word): synthetic_reid(tmp_path/'e', **kw)
