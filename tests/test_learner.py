@@ -1,0 +1,148 @@
+"Checks of `fastreid_rollback.learner` beyond the notebook: failure cases, recorder integration, precision, plots"
+import math, warnings, pytest, torch
+import matplotlib; matplotlib.use('Agg')
+from torch import nn
+from fastai.learner import Learner
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.progress import CSVLogger
+from fastai.torch_core import set_seed
+from fastreid_rollback.synthetic import synthetic_reid
+from fastreid_rollback.data import market1501, reid_dls
+from fastreid_rollback.model import ReIDModel, block_modules
+from fastreid_rollback.metrics import reid_metrics
+from fastreid_rollback.learner import *
+
+
+@pytest.fixture(scope='module')
+def df(tmp_path_factory):
+    root = synthetic_reid(tmp_path_factory.mktemp('data'), n_ids=16, n_cams=2, imgs_per_id_cam=2, size=(32, 16), n_distractors=3, n_junk=2)
+    return market1501(root)
+
+@pytest.fixture(scope='module')
+def dls(df): return reid_dls(df, size=(32, 16), bs=16, sampler='pk', p=4, k=2, seed=0)
+
+def _learner(dls, **kwargs):
+    learn = reid_learner(dls, 'resnet18', pretrained=False, **kwargs)
+    learn.remove_cb(ProgressCallback)
+    return learn
+
+
+def test_groups_lr_and_freeze(dls):
+    learn = _learner(dls)
+    learn.create_opt()
+    m = learn.model
+    names = m.block_names + ['head']
+    assert names == ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head']
+    want = [[p for o in block_modules(m, n) for p in o.parameters()] for n in m.block_names] + [list(m.head.parameters())]
+    assert [[id(p) for p in g] for g in learn.opt.param_lists] == [[id(p) for p in g] for g in want]
+    learn.opt.set_hypers(lr=slice(1e-4, 1e-2), mom=0.8, wd=1e-3)
+    pgs = learn.opt.opt.param_groups
+    assert [g['lr'] for g in pgs] == pytest.approx([1e-4*10**(2*i/5) for i in range(6)])
+    assert all(g['momentum'] == 0.8 and g['weight_decay'] == 1e-3 and g['nesterov'] for g in pgs)
+    learn.freeze_to(3)
+    assert not m.backbone.layer2[0].conv1.weight.requires_grad and m.backbone.layer3[0].conv1.weight.requires_grad
+    assert m.backbone.layer2[0].bn1.weight.requires_grad  # fastai's train_bn keeps BatchNorm trainable
+
+
+def test_reference_sgd_defaults(dls):
+    learn = _learner(dls)
+    learn.fit(1, 0.01)
+    g = learn.opt.opt
+    assert isinstance(g, torch.optim.SGD)
+    assert all(pg['momentum'] == 0.9 and pg['nesterov'] and pg['weight_decay'] == 5e-4 for pg in g.param_groups)
+
+
+def test_eval_callback_matches_reid_evaluate_and_logs(dls, tmp_path):
+    set_seed(0)
+    learn = _learner(dls, cbs=[ReIDEvalCallback(every=0), CSVLogger(fname=tmp_path/'log.csv')])
+    n_mets = len(learn.metrics)
+    learn.fit(2, 0.01)
+    names = learn.recorder.metric_names[1:-1]
+    assert names[-5:] == ['rank1', 'rank5', 'rank10', 'mAP', 'mINP']
+    first, last = learn.recorder.values
+    assert all(math.isnan(v) for v in first[-5:])
+    r = learn.reid_evaluate()
+    assert list(last[-5:]) == pytest.approx([r.rank(1), r.rank(5), r.rank(10), r.mAP, r.mINP])
+    assert learn.reid_result.mAP == pytest.approx(r.mAP) and list(learn.cbs.filter(lambda c: isinstance(c, ReIDEvalCallback))[0].results) == [1]
+    header = (tmp_path/'log.csv').read_text().splitlines()[0].split(',')
+    assert header[-6:-1] == ['rank1', 'rank5', 'rank10', 'mAP', 'mINP']
+    assert len(learn.metrics) == n_mets  # the ReID metrics are removed after fit
+    res = learn.validate()  # outside a training fit the callback does not evaluate
+    assert len(res) == n_mets+1+5 and all(math.isnan(v) for v in res[-5:]) and len(learn.metrics) == n_mets
+
+
+def test_eval_callback_needs_query_gallery(dls):
+    learn = _learner(dls, cbs=ReIDEvalCallback())
+    q, g = dls.query, dls.gallery
+    try:
+        dls.query = None
+        with pytest.raises(ValueError, match='no query DataLoader'): learn.fit(1)
+    finally: dls.query = q
+    with pytest.raises(ValueError, match='every=-1'): ReIDEvalCallback(every=-1)
+    with pytest.raises(ValueError, match='query: expected a DataLoader with .pids'): learn.reid_evaluate(query=torch.utils.data.DataLoader(range(3)))
+
+
+def test_ids_must_fit_the_head(dls, df):
+    with pytest.raises(ValueError, match=f'classifies {dls.n_ids+3} identities but dls has {dls.n_ids}'):
+        reid_learner(dls, ReIDModel('resnet18', n_ids=dls.n_ids+3))
+    learn = _learner(dls)
+    other = reid_dls(df[~df.pid.isin(df[df.split == 'train'].pid.unique()[:2])], size=(32, 16), bs=16, sampler='pk', p=4, k=2)
+    learn.dls = other
+    with pytest.raises(ValueError, match='training identities'): learn.fit(1)
+    with pytest.raises(ValueError, match="loss='arcface'"): reid_learner(dls, 'resnet18', pretrained=False, loss='arcface')
+
+
+def test_features(dls):
+    learn = _learner(dls, neck='bnneck')
+    f, p, c = learn.reid_features(dls.gallery)
+    assert f.shape == (len(dls.gallery.items), 512) and torch.allclose(f.norm(dim=1), torch.ones(len(f)))
+    assert torch.equal(p, dls.gallery.pids) and torch.equal(c, dls.gallery.camids)
+    assert learn.model.training  # the train/eval mode is restored
+    nf, _, _ = learn.reid_features(dls.gallery, flip=False, normalize=False)
+    x = dls.gallery.one_batch()[0]
+    learn.model.eval()
+    with torch.no_grad(): assert torch.allclose(nf[:len(x)], learn.model.features(x), atol=1e-5)
+    r = learn.reid_evaluate(max_rank=5)
+    assert len(r.cmc) == 5
+
+
+def test_triplet_training_and_metrics(dls):
+    learn = _learner(dls, loss='ce+triplet', triplet_margin=0.3, neck='bnneck')
+    learn.recorder.train_metrics = True
+    learn.fit(1, 0.01)
+    assert learn.model.with_feats
+    assert all(isinstance(v, float) and math.isfinite(v) for v in learn.recorder.values[0][:2])
+    preds, targs = learn.get_preds(dl=dls.train.new(shuffle=False, drop_last=False))
+    assert preds.shape == (len(targs), dls.n_ids)
+    assert torch.allclose(preds.sum(1), torch.ones(len(preds)), atol=1e-4)
+
+
+def test_mixed_precision_runs(dls):
+    learn = _learner(dls, cbs=ReIDEvalCallback())
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.to_fp16()
+        learn.fit(1, 0.01)
+        learn.to_fp32()
+        learn.to_bf16()
+        learn.fit(1, 0.01)
+    assert all(math.isfinite(v) for v in learn.recorder.values[-1][-5:])
+    learn.model.to(torch.bfloat16)  # a model cast to half precision still gives float32 features
+    f, _, _ = learn.reid_features(dls.query)
+    assert f.dtype == torch.float32
+
+
+def test_show_ranked(dls):
+    learn = _learner(dls)
+    fig = learn.show_ranked(n_queries=2, top_k=4)
+    axs = fig.axes
+    assert len(axs) == 2*5
+    q, g = dls.query, dls.gallery
+    for row in (axs[:5], axs[5:]):
+        qpid = int(row[0].get_title().split('pid ')[1].split()[0])
+        for ax in row[1:]:
+            pid, cam = (int(v) for v in ax.get_title().replace('pid ', '').replace('cam ', '').split())
+            colour = matplotlib.colors.to_hex(ax.spines['left'].get_edgecolor())
+            assert colour == ('#008000' if pid == qpid else '#ff0000')
+            assert pid != -1
+    learn.show_ranked(idxs=[0], top_k=len(g.items)+5)  # more than the gallery: shows what there is

@@ -1,0 +1,166 @@
+"Failure cases and compatibility checks of `fastreid_rollback.model` that do not fit the notebook"
+import pytest, torch
+from pathlib import Path
+from torch import nn
+from torchvision.models import get_model, ResNet18_Weights
+from fastreid_rollback.model import *
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    "A fresh, empty torch hub cache for one test"
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path/'hub'))
+    yield tmp_path/'hub'
+    torch.hub.set_dir(old)
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    "Fail loudly if anything tries to download"
+    def _boom(*a, **k): raise AssertionError('tried to download')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', _boom)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', _boom)
+
+
+def test_pretrained_true_missing_says_where(hub_dir, no_download):
+    with pytest.raises(FileNotFoundError) as e: ReIDModel('resnet18', n_ids=3, pretrained=True)
+    msg = str(e.value)
+    assert str(hub_dir/'checkpoints'/'resnet18-f37072fd.pth') in msg and 'pretrained=<path' in msg
+
+
+def test_pretrained_true_from_cache(hub_dir, no_download):
+    tv = get_model('resnet18', weights=None)
+    fn = weights_cache_file(ResNet18_Weights.DEFAULT)
+    assert fn == hub_dir/'checkpoints'/'resnet18-f37072fd.pth'
+    fn.parent.mkdir(parents=True)
+    torch.save(tv.state_dict(), fn)
+    for pretrained in (True, ResNet18_Weights.IMAGENET1K_V1):
+        m = ReIDModel('resnet18', n_ids=3, pretrained=pretrained)
+        assert torch.equal(m.backbone.layer4[1].bn2.running_var, tv.layer4[1].bn2.running_var)
+        assert list(m.pretrained_state) == ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
+        assert torch.equal(m.pretrained_state['stem']['conv1.weight'], tv.conv1.weight)
+        assert all(v.device.type == 'cpu' for s in m.pretrained_state.values() for v in s.values())
+        assert not any(k.startswith(('head', 'classifier')) for s in m.pretrained_state.values() for k in s)
+
+
+def test_pretrained_state_is_a_copy(tmp_path):
+    src = ReIDModel('resnet18', n_ids=3)
+    m = ReIDModel('resnet18', n_ids=3, pretrained=save_backbone(src, tmp_path/'b.pth'))
+    with torch.no_grad(): m.backbone.conv1.weight.add_(1.)
+    assert torch.equal(m.pretrained_state['stem']['conv1.weight'], src.backbone.conv1.weight)
+
+
+def test_local_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nothing.pth'): ReIDModel('resnet18', n_ids=3, pretrained=tmp_path/'nothing.pth')
+    sd = get_model('resnet18', weights=None).state_dict()
+    del sd['layer2.0.conv1.weight']; sd['extra.weight'] = torch.zeros(1)
+    torch.save(sd, tmp_path/'bad.pth')
+    with pytest.raises(ValueError) as e: ReIDModel('resnet18', n_ids=3, pretrained=tmp_path/'bad.pth')
+    assert 'bad.pth' in str(e.value) and "'layer2.0.conv1.weight'" in str(e.value) and "'extra.weight'" in str(e.value)
+    sd = get_model('resnet18', weights=None).state_dict()
+    sd['conv1.weight'] = torch.zeros(64, 3, 3, 3)
+    torch.save(sd, tmp_path/'shape.pth')
+    with pytest.raises(ValueError, match="'conv1.weight' has shape"): ReIDModel('resnet18', n_ids=3, pretrained=tmp_path/'shape.pth')
+    with pytest.raises(ValueError, match='pretrained=3'): ReIDModel('resnet18', n_ids=3, pretrained=3)
+
+
+def test_loads_fastai_and_ddp_files(tmp_path):
+    src = ReIDModel('resnet18', n_ids=4)
+    torch.save({'model': src.state_dict(), 'opt': {}}, tmp_path/'learn.pth')     # as fastai's learn.save writes
+    torch.save({f'module.{k}':v for k,v in src.state_dict().items()}, tmp_path/'ddp.pth')
+    for fn in ('learn.pth', 'ddp.pth'):
+        m = ReIDModel('resnet18', n_ids=9, pretrained=tmp_path/fn)
+        assert torch.equal(m.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="arch='vgg16'"): ReIDModel('vgg16', n_ids=3)
+    with pytest.raises(ValueError, match='n_ids=0'): ReIDModel('resnet18', n_ids=0)
+    with pytest.raises(ValueError, match="neck='fancy'"): ReIDModel('resnet18', n_ids=3, neck='fancy')
+    with pytest.raises(ValueError, match="no module 'layer5' for block 'layer5'"):
+        ReIDModel(get_model('resnet18'), n_ids=3, blocks=['layer1', 'layer5'])
+    with pytest.raises(ValueError, match='pretrained=True needs a torchvision arch'):
+        ReIDModel(nn.Sequential(nn.Conv2d(3, 4, 3)), n_ids=3, blocks=['0'], pretrained=True)
+    with pytest.raises(ValueError, match='expected a ReIDModel'): reid_splitter(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize('arch', ['resnet34', 'resnext50_32x4d', 'wide_resnet50_2'])
+def test_every_resnet_family(arch):
+    m = ReIDModel(arch, n_ids=5)
+    assert m.block_names == ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
+    assert m.feat_dim == (512 if arch == 'resnet34' else 2048)
+    groups = reid_splitter(m)
+    assert [len(g) for g in groups[:-1]] == [len(list(p for o in block_modules(m, n) for p in o.parameters())) for n in m.block_names]
+
+
+def test_torchvision_module_backbone():
+    tv = get_model('resnet18', weights=None)
+    m = ReIDModel(tv, n_ids=5, neck='bnneck')
+    assert m.block_names[0] == 'stem' and m.feat_dim == 512 and isinstance(m.backbone.fc, nn.Identity)
+    assert m.features(torch.randn(2, 3, 64, 32)).shape == (2, 512)
+
+
+def test_neck_feat():
+    m = ReIDModel('resnet18', n_ids=5, neck='bnneck', neck_feat=True).eval()
+    x = torch.randn(3, 3, 64, 32)
+    assert torch.allclose(m.features(x), m.head.neck(m.pooled(x)))
+    m = ReIDModel('resnet18', n_ids=5, neck_feat=True).eval()
+    assert m.features(x).shape == (3, 512)
+
+
+def test_load_block_state_keeps_device_dtype_and_objects():
+    m = ReIDModel('resnet18', n_ids=5)
+    snap = snapshot_blocks(m)
+    m = m.double()
+    p = m.backbone.layer3[0].conv1.weight
+    with torch.no_grad(): p.mul_(0.)
+    load_block_state(m, 'layer3', snap['layer3'])
+    assert m.backbone.layer3[0].conv1.weight is p and p.dtype == torch.float64
+    assert torch.allclose(p, snap['layer3']['layer3.0.conv1.weight'].double())
+    with pytest.raises(ValueError, match="'layer3.0.conv1.weight' has shape"):
+        load_block_state(m, 'layer3', {**snap['layer3'], 'layer3.0.conv1.weight': torch.zeros(1)})
+
+
+def test_wrappers_and_syncbn():
+    m = ReIDModel('resnet18', n_ids=5)
+    dp = nn.DataParallel(m)
+    assert unwrap_model(dp) is m and block_names(dp) == m.block_names
+    assert [id(p) for g in reid_splitter(dp) for p in g] == [id(p) for g in reid_splitter(m) for p in g]
+    s = nn.SyncBatchNorm.convert_sync_batchnorm(ReIDModel('resnet18', n_ids=5, neck='bnneck'))
+    assert isinstance(block_modules(s, 'layer1')[0][0].bn1, nn.SyncBatchNorm)
+    assert isinstance(s.head.neck[0], nn.SyncBatchNorm)
+    load_block_state(s, 'layer1', block_state(m, 'layer1'))
+    assert torch.equal(s.backbone.layer1[0].bn1.running_var, m.backbone.layer1[0].bn1.running_var)
+
+
+def test_splitter_keeps_unassigned_params_with_head():
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3))
+    m = ReIDModel(body, n_ids=3, blocks=['0', '2'])
+    groups = reid_splitter(m)
+    assert len(groups) == 3 and groups[0] == list(body[0].parameters()) and groups[1] == list(body[2].parameters())
+    assert {id(p) for p in body[1].parameters()} <= {id(p) for p in groups[2]}
+    assert sum(map(len, groups)) == len(list(m.parameters()))
+
+
+def test_save_backbone_is_atomic_and_loadable(tmp_path):
+    m = ReIDModel('resnet18', n_ids=5)
+    fn = save_backbone(nn.DataParallel(m), tmp_path/'sub'/'bb.pth')
+    assert fn.is_file() and [p.name for p in fn.parent.iterdir()] == ['bb.pth']
+    sd = torch.load(fn, weights_only=True)
+    assert not any(k.startswith(('fc.', 'head.')) for k in sd)
+    m2 = ReIDModel(get_model('resnet18'), n_ids=2, pretrained=fn)
+    assert torch.equal(m2.backbone.bn1.running_mean, m.backbone.bn1.running_mean)
+
+
+def test_triplet_loss_grad_and_half():
+    f = torch.randn(8, 16, requires_grad=True)
+    t = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss = batch_hard_triplet(f, t, margin=0.3, normalize=True)
+    loss.backward()
+    assert torch.isfinite(f.grad).all()
+    assert batch_hard_triplet(f.detach().bfloat16(), t).dtype == torch.float32
+    # identical features (zero distances) give finite gradients
+    z = torch.zeros(4, 3, requires_grad=True)
+    batch_hard_triplet(z, torch.tensor([0, 0, 1, 1]), margin=0.3).backward()
+    assert torch.isfinite(z.grad).all()
