@@ -1,0 +1,341 @@
+"Tests of fastreid_rollback.metrics against an independent per-query reference, and its failure cases"
+import json, math, re
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, ReIDResult, plot_cmc
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "The problems here are tiny: on a busy machine, threads only add waiting"
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def test_fail(f, contains):
+    "`f()` raises a ValueError whose message contains `contains`"
+    with pytest.raises(ValueError, match=re.escape(contains)): f()
+test_fail.__test__ = False
+
+# ---------------------------------------------------------------- the reference: one query at a time, numpy only
+def ref_query(d, qp, qc, gp, gc):
+    "(valid gallery indices in ranked order, true-match mask in that order, valid indices) for one query"
+    idx = np.nonzero((gp != -1) & ~((gp == qp) & (gc == qc)))[0]
+    order = idx[np.lexsort((idx, d[idx]))]          # by distance, ties by gallery index
+    return order, (gp[order] == qp) & (qp > 0), idx
+
+def ref_metrics(D, qp, gp, qc, gc, max_rank=50, ap='standard', sklearn_ap=False):
+    "CMC, mAP, mINP, n_valid, n_skipped of the Market-1501 protocol, straight from the definitions"
+    hits, aps, inps, skipped = np.zeros(max_rank), [], [], 0
+    for q in range(len(D)):
+        order, match, idx = ref_query(D[q], qp[q], qc[q], gp, gc)
+        if not match.any(): skipped += 1; continue
+        pos = np.nonzero(match)[0]                   # 0-based positions of the true matches
+        if pos[0] < max_rank: hits[pos[0]:] += 1
+        if sklearn_ap: a = average_precision_score((gp[idx] == qp[q]) & (qp[q] > 0), -D[q, idx])
+        elif ap == 'standard': a = np.mean([(i + 1) / (r + 1) for i, r in enumerate(pos)])
+        else: a = np.mean([((i + 1) / (r + 1) + (i / r if r > 0 else 1.)) / 2 for i, r in enumerate(pos)])
+        aps.append(a); inps.append(len(pos) / (pos[-1] + 1))
+    nv = len(aps)
+    return hits / max(nv, 1), (np.mean(aps) if nv else None), (np.mean(inps) if nv else None), nv, skipped
+
+def rand_ids(rng, nq, ng, n_ids, n_cams, junk=.1, distract=.1, absent=2):
+    "Random ids: repeated identities, junk, distractors, queries whose identity is not in the gallery"
+    gp = rng.integers(1, n_ids + 1, ng)
+    u = rng.random(ng)
+    gp[u < junk] = -1; gp[(u >= junk) & (u < junk + distract)] = 0
+    return (rng.integers(1, n_ids + 1 + absent, nq), gp, rng.integers(0, n_cams, nq), rng.integers(0, n_cams, ng))
+
+def problems(n, seed=0):
+    "`n` random problems of varied shapes (tiny, uneven, single camera, many ids, few ids)"
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        nq, ng = int(rng.integers(1, 40)), int(rng.integers(1, 300))
+        n_ids, n_cams = int(rng.integers(1, 30)), (1 if k % 7 == 0 else int(rng.integers(1, 7)))
+        ids = rand_ids(rng, nq, ng, n_ids, n_cams, junk=rng.random() * .3, distract=rng.random() * .3)
+        yield rng, ids
+
+def check_close(res, ref, tol=1e-6):
+    cmc, mAP, mINP, nv, ns = ref
+    assert (res.n_valid, res.n_skipped) == (nv, ns)
+    np.testing.assert_allclose(res.cmc.numpy(), cmc, atol=tol, rtol=0)
+    assert abs(res.mAP - mAP) < tol and abs(res.mINP - mINP) < tol
+
+def run_ok(f, *args, **kw):
+    "The result of `f`, or None when every query is skipped (checked against the reference by the caller)"
+    try: return f(*args, **kw)
+    except ValueError as e:
+        assert 'all' in str(e) and 'skipped' in str(e); return None
+
+# ---------------------------------------------------------------- agreement with the reference
+@pytest.mark.parametrize('ap', ['standard', 'trapezoid'])
+def test_agrees_with_reference_from_dist(ap):
+    n_checked = 0
+    for rng, (qp, gp, qc, gc) in problems(250, seed=1 if ap == 'standard' else 2):
+        D = rng.random((len(qp), len(gp)))              # float64, no ties: sklearn's AP is the standard AP
+        if rng.random() < .3: D = D * 7 - 3.5            # negative distances are fine too
+        max_rank = int(rng.choice([1, 5, 50, 400]))
+        ref = ref_metrics(D, qp, gp, qc, gc, max_rank, ap, sklearn_ap=ap == 'standard')
+        res = run_ok(reid_metrics_from_dist, torch.from_numpy(D), qp, gp, qc, gc, max_rank=max_rank, ap=ap)
+        if ref[3] == 0: assert res is None; continue
+        check_close(res, ref); assert len(res.cmc) == max_rank
+        n_checked += 1
+    assert n_checked > 150
+
+@pytest.mark.parametrize('dist', ['cosine', 'euclidean'])
+def test_agrees_with_reference_from_features(dist):
+    for rng, (qp, gp, qc, gc) in problems(60, seed=3):
+        dim = int(rng.integers(1, 16))
+        centres = rng.normal(size=(int(max(qp.max(), gp.max())) + 2, dim))
+        qf = centres[qp + 1] + rng.normal(size=(len(qp), dim)) * rng.random() * 3   # identity centres plus noise
+        gf = centres[gp + 1] + rng.normal(size=(len(gp), dim)) * rng.random() * 3
+        qf, gf = torch.tensor(qf, dtype=torch.float32), torch.tensor(gf, dtype=torch.float32)
+        D = reid_dist(qf, gf, dist).double().numpy()
+        ref = ref_metrics(D, qp, gp, qc, gc, 20)
+        res = run_ok(reid_metrics, qf, gf, torch.tensor(qp), torch.tensor(gp), torch.tensor(qc), torch.tensor(gc),
+                     max_rank=20, dist=dist)
+        if ref[3] == 0: assert res is None; continue
+        check_close(res, ref)
+
+def test_reid_dist_matches_numpy():
+    rng = np.random.default_rng(4)
+    q, g = rng.normal(size=(70, 9)), rng.normal(size=(130, 9))
+    qn, gn = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+    np.testing.assert_allclose(reid_dist(torch.tensor(q), torch.tensor(g)).numpy(), 1 - qn @ gn.T, atol=1e-12)
+    eu = np.sqrt(((q[:, None] - g[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(reid_dist(torch.tensor(q), torch.tensor(g), 'euclidean').numpy(), eu, atol=1e-9)
+
+# ---------------------------------------------------------------- ties
+def test_ties_broken_by_gallery_index_hand_made():
+    # query id 1 cam 0; gallery: distances all 0.5 except col 5; true matches at cols 1 and 4 (cams 1, 2)
+    D = torch.tensor([[.5, .5, .5, .5, .5, .1]])
+    gp, gc = [3, 1, 0, 1, 1, 2], [1, 1, 1, 0, 2, 1]
+    # col 3 is removed (same id, same camera); ranked: 5 (0.1), then 0, 1, 2, 4 by index -> true matches at 3 and 5
+    r = reid_metrics_from_dist(D, [1], gp, [0], gc, max_rank=6)
+    test_cmc = [0, 0, 1, 1, 1, 1]
+    assert r.cmc.tolist() == test_cmc
+    assert math.isclose(r.mAP, (1/3 + 2/5) / 2) and math.isclose(r.mINP, 2/5)
+    # the same distances with the gallery reversed: the order among the ties changes with the gallery order
+    rr = reid_metrics_from_dist(D.flip(1), [1], gp[::-1], [0], gc[::-1], max_rank=6)
+    # reversed: col 2 removed; ranked: 0 (0.1), then 1, 3, 4, 5 by index -> true matches (cols 1, 4) at 2 and 4
+    assert rr.cmc.tolist() == [0, 1, 1, 1, 1, 1] and math.isclose(rr.mAP, (1/2 + 2/4) / 2) and math.isclose(rr.mINP, 2/4)
+
+def test_ties_random_against_reference():
+    for rng, (qp, gp, qc, gc) in problems(150, seed=5):
+        D = np.round(rng.random((len(qp), len(gp))) * rng.integers(1, 6)) / 4   # a few distinct values only
+        for ap in ('standard', 'trapezoid'):
+            ref = ref_metrics(D, qp, gp, qc, gc, 10, ap)
+            res = run_ok(reid_metrics_from_dist, torch.tensor(D, dtype=torch.float32), qp, gp, qc, gc, max_rank=10, ap=ap)
+            if ref[3] == 0: assert res is None; continue
+            check_close(res, ref)
+
+def test_all_distances_equal():
+    qp, gp = torch.tensor([1, 2]), torch.tensor([2, 1, 0, 1, 2])
+    qc, gc = torch.zeros(2, dtype=torch.long), torch.ones(5, dtype=torch.long)
+    r = reid_metrics(torch.zeros(2, 4), torch.zeros(5, 4), qp, gp, qc, gc, max_rank=5)   # every distance is 1
+    ref = ref_metrics(np.ones((2, 5)), qp.numpy(), gp.numpy(), qc.numpy(), gc.numpy(), 5)
+    check_close(r, ref)
+
+# ---------------------------------------------------------------- chunking and the two entry points
+def trained_like(seed, nq=150, ng=700, n_ids=60, n_cams=4, dim=32, noise=.8):
+    rng = np.random.default_rng(seed)
+    qp, gp, qc, gc = rand_ids(rng, nq, ng, n_ids, n_cams)
+    centres = rng.normal(size=(n_ids + 4, dim))
+    f = lambda p: torch.tensor(centres[p + 1] + noise * rng.normal(size=(len(p), dim)), dtype=torch.float32)
+    return f(qp), f(gp), *(torch.tensor(x) for x in (qp, gp, qc, gc))
+
+def same_result(a, b):
+    assert torch.equal(a.cmc, b.cmc) and a.mAP == b.mAP and a.mINP == b.mINP
+    assert (a.n_valid, a.n_skipped) == (b.n_valid, b.n_skipped)
+
+@pytest.mark.parametrize('protocol', ['market1501', 'cuhk03'])
+def test_chunk_size_does_not_change_the_result(protocol):
+    qf, gf, *ids = trained_like(6)
+    base = reid_metrics(qf, gf, *ids, protocol=protocol)
+    for cs in (1, 7, 64, 100, 149, 1000):
+        same_result(base, reid_metrics(qf, gf, *ids, protocol=protocol, chunk_size=cs))
+    D = reid_dist(qf, gf)
+    for cs in (None, 1, 13, 150):
+        same_result(base, reid_metrics_from_dist(D, *ids, protocol=protocol, chunk_size=cs))
+
+@pytest.mark.parametrize('dist', ['cosine', 'euclidean'])
+def test_from_features_equals_from_dist(dist):
+    qf, gf, *ids = trained_like(7)
+    for ap in ('standard', 'trapezoid'):
+        same_result(reid_metrics(qf, gf, *ids, dist=dist, ap=ap, chunk_size=33),
+                    reid_metrics_from_dist(reid_dist(qf, gf, dist), *ids, ap=ap))
+
+def test_non_contiguous_and_half_distances():
+    qf, gf, *ids = trained_like(18, nq=40, ng=120)
+    D = reid_dist(qf, gf)
+    same_result(reid_metrics_from_dist(D, *ids), reid_metrics_from_dist(D.T.contiguous().T, *ids, chunk_size=9))
+    Dh = D.half()                                        # half precision is evaluated in float32 (many ties)
+    check_close(reid_metrics_from_dist(Dh, *ids), ref_metrics(Dh.double().numpy(), *(x.numpy() for x in ids)))
+
+def test_numpy_and_list_inputs():
+    qf, gf, qp, gp, qc, gc = trained_like(8, nq=20, ng=60)
+    base = reid_metrics(qf, gf, qp, gp, qc, gc)
+    same_result(base, reid_metrics(qf.numpy(), gf.numpy(), qp.numpy(), gp.tolist(), qc.tolist(), gc.numpy()))
+    same_result(base, reid_metrics_from_dist(reid_dist(qf, gf).numpy(), qp.tolist(), gp.numpy(), qc, gc))
+
+def test_float64_features_and_integer_distances():
+    qf, gf, *ids = trained_like(9, nq=30, ng=90)
+    r64 = reid_metrics(qf.double(), gf.double(), *ids)
+    D = reid_dist(qf.double(), gf.double()).numpy()
+    check_close(r64, ref_metrics(D, *(x.numpy() for x in ids)))
+    Di = torch.randint(0, 4, (30, 90))                  # integer distances (many ties) are accepted
+    check_close(reid_metrics_from_dist(Di, *ids), ref_metrics(Di.double().numpy(), *(x.numpy() for x in ids)))
+
+# ---------------------------------------------------------------- protocol details
+def test_skipped_queries_and_max_rank_clamped():
+    D = torch.tensor([[.3, .1, .2], [.1, .2, .3], [.5, .5, .1]])
+    qp, gp, qc, gc = [1, 2, 0], [1, 1, 2], [0, 0, 0], [1, 0, 0]
+    r = reid_metrics_from_dist(D, qp, gp, qc, gc, max_rank=10)
+    # query 0: col 1 removed (same id, same cam); col 0 true match; valid gallery by distance: 2, 0 -> rank 2
+    # query 1: col 2 removed, no true match left: skipped; query 2 is a distractor query: skipped
+    assert (r.n_valid, r.n_skipped) == (1, 2)
+    assert r.cmc.tolist() == [0.] + [1.] * 9 and len(r.cmc) == 10       # padded with its last value
+    assert r.mAP == .5 and r.mINP == .5 and r.rank(10) == 1.
+
+def test_junk_removed_and_distractors_negative():
+    D = torch.tensor([[.1, .2, .3]])
+    r = reid_metrics_from_dist(D, [1], [-1, 0, 1], [0], [1, 1, 1], max_rank=3)
+    assert r.cmc.tolist() == [0., 1., 1.]                # junk (col 0) gone, distractor (col 1) ranks first
+
+def test_all_skipped_is_an_error():
+    test_fail(lambda: reid_metrics_from_dist(torch.rand(2, 3), [5, 6], [1, 2, 3], [0, 0], [1, 1, 1]), contains='skipped')
+    test_fail(lambda: reid_metrics_from_dist(torch.rand(2, 3), [1, 2], [1, 2, 3], [0, 0], [0, 0, 0]), contains='skipped')
+    test_fail(lambda: reid_metrics_from_dist(torch.rand(2, 3), [1, 2], [-1, 0, 0], [0, 0], [0, 1, 1]), contains='skipped')
+
+# ---------------------------------------------------------------- cuhk03
+def poisson_binomial_cdf(ps, m):
+    "P(sum of independent Bernoulli(ps) <= m)"
+    dist = np.zeros(len(ps) + 1); dist[0] = 1
+    for p in ps: dist[1:] = dist[1:] * (1 - p) + dist[:-1] * p; dist[0] *= 1 - p
+    return dist[:m + 1].sum() if m >= 0 else 0.
+
+def cuhk03_expected_cmc(D, qp, gp, qc, gc, max_rank):
+    "Exact expectation of the single-gallery-shot CMC, from its definition (one query at a time)"
+    cmc, nv = np.zeros(max_rank), 0
+    for q in range(len(D)):
+        ok = (gp != -1) & ~((gp == qp[q]) & (gc == qc[q]))
+        pos = np.nonzero(ok & (gp == qp[q]) & (qp[q] > 0))[0]
+        if not len(pos): continue
+        nv += 1
+        ahead = lambda g, p: D[q, g] < D[q, p] or (D[q, g] == D[q, p] and g < p)
+        others = [np.nonzero(ok & (gp == k))[0] for k in np.unique(gp[ok]) if k > 0 and k != qp[q]]
+        for p in pos:                                    # the drawn true match, uniform among the true matches
+            n_dis = sum(ahead(g, p) for g in np.nonzero(gp == 0)[0])
+            ps = [np.mean([ahead(g, p) for g in grp]) for grp in others]
+            cmc += np.array([poisson_binomial_cdf(ps, m - 1 - n_dis) for m in range(1, max_rank + 1)]) / len(pos)
+    return cmc / nv
+
+def test_cuhk03_agrees_with_its_definition():
+    rng = np.random.default_rng(10)
+    qp, gp, qc, gc = rand_ids(rng, 12, 80, 8, 3)
+    D = torch.rand(12, 80, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    D[torch.tensor((gp[None] == qp[:, None]) & (gc[None] == qc[:, None]))] = 0   # removed images are the closest: drawing one shows
+    exp = cuhk03_expected_cmc(D.numpy(), qp, gp, qc, gc, 8)
+    runs = [reid_metrics_from_dist(D, qp, gp, qc, gc, max_rank=8, protocol='cuhk03', seed=s) for s in range(300)]
+    mean = torch.stack([r.cmc for r in runs]).double().mean(0).numpy()
+    n = runs[0].n_valid * 10 * len(runs)                  # draws
+    se = np.sqrt(np.clip(exp * (1 - exp), 1e-4, None) / n)
+    assert np.all(np.abs(mean - exp) < 5 * se + 1e-9), (mean, exp)
+    # mAP and mINP are the Market-1501 ones (computed on the whole valid gallery)
+    m = reid_metrics_from_dist(D, qp, gp, qc, gc, max_rank=8)
+    assert runs[0].mAP == m.mAP and runs[0].mINP == m.mINP and runs[0].n_valid == m.n_valid
+
+def test_cuhk03_seeded():
+    qf, gf, *ids = trained_like(11, noise=2.)
+    a, b = (reid_metrics(qf, gf, *ids, protocol='cuhk03', seed=3) for _ in range(2))
+    same_result(a, b)
+    assert not torch.equal(a.cmc, reid_metrics(qf, gf, *ids, protocol='cuhk03', seed=4).cmc)
+
+def test_cuhk03_one_image_per_identity_is_market():
+    rng = np.random.default_rng(12)
+    gp = np.concatenate([rng.permutation(np.arange(1, 41)), np.zeros(10, int)])   # one image per id + distractors
+    gc, qp, qc = np.ones(50, int), rng.integers(1, 45, 30), np.zeros(30, int)
+    D = torch.rand(30, 50, dtype=torch.float64)
+    same_result(reid_metrics_from_dist(D, qp, gp, qc, gc, protocol='cuhk03'), reid_metrics_from_dist(D, qp, gp, qc, gc))
+
+# ---------------------------------------------------------------- the result object and the plot
+def test_result_api():
+    qf, gf, *ids = trained_like(13)
+    r = reid_metrics(qf, gf, *ids, max_rank=8)
+    assert isinstance(r, ReIDResult) and r.cmc.dtype == torch.float64 and r.cmc.shape == (8,)
+    assert bool((r.cmc[1:] >= r.cmc[:-1]).all()) and 0 <= r.rank(1) <= r.rank(8) <= 1
+    d = r.as_dict()
+    assert set(d) == {'mAP', 'mINP', 'rank1', 'rank5', 'n_valid', 'n_skipped'} and json.loads(json.dumps(d)) == d
+    assert 'mAP=' in repr(r) and 'rank1=' in repr(r) and "protocol='market1501'" in repr(r)
+    test_fail(lambda: r.rank(9), contains='k'); test_fail(lambda: r.rank(0), contains='k')
+
+def test_plot_cmc():
+    import matplotlib; matplotlib.use('Agg')
+    qf, gf, *ids = trained_like(14)
+    a, b = reid_metrics(qf, gf, *ids), reid_metrics(qf, gf, *ids, dist='euclidean')
+    ax = plot_cmc(a, b, labels=['cos', 'l2'])
+    assert [l.get_label() for l in ax.get_lines()] == ['cos', 'l2']
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), a.cmc.numpy())
+    test_fail(lambda: plot_cmc(), contains='results')
+    test_fail(lambda: plot_cmc(a, labels=['x', 'y']), contains='labels')
+    test_fail(lambda: plot_cmc(a, 3), contains='results')
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_errors():
+    qf, gf, qp, gp, qc, gc = trained_like(15, nq=10, ng=30)
+    D = reid_dist(qf, gf)
+    f = lambda **kw: reid_metrics(**{**dict(query_feats=qf, gallery_feats=gf, q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), **kw})
+    fd = lambda **kw: reid_metrics_from_dist(**{**dict(distmat=D, q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), **kw})
+    # length mismatches between features (or distances) and ids
+    for name, bad in (('q_pids', qp[:-1]), ('g_pids', gp[:-1]), ('q_camids', qc[1:]), ('g_camids', torch.cat([gc, gc]))):
+        test_fail(lambda: f(**{name: bad}), contains=name); test_fail(lambda: fd(**{name: bad}), contains=name)
+    # feature dimension mismatch, wrong ranks
+    test_fail(lambda: f(gallery_feats=gf[:, :5]), contains='feature dimension')
+    test_fail(lambda: f(query_feats=qf[0]), contains='query_feats')
+    test_fail(lambda: fd(distmat=D[0]), contains='distmat')
+    # NaN or inf in features or distances
+    for bad in (math.nan, math.inf):
+        q2, g2, D2 = qf.clone(), gf.clone(), D.clone()
+        q2[3, 1] = bad; g2[7, 0] = bad; D2[2, 5] = bad
+        test_fail(lambda: f(query_feats=q2), contains='query_feats')
+        test_fail(lambda: f(gallery_feats=g2), contains='gallery_feats')
+        test_fail(lambda: fd(distmat=D2), contains='distmat')
+        test_fail(lambda: reid_dist(q2, gf), contains='query_feats')
+    test_fail(lambda: f(query_feats=qf * 1e30, gallery_feats=gf * 1e30, dist='euclidean'), contains='query_feats')  # overflow
+    # empty query or gallery
+    test_fail(lambda: f(query_feats=qf[:0], q_pids=qp[:0], q_camids=qc[:0]), contains='query_feats')
+    test_fail(lambda: f(gallery_feats=gf[:0], g_pids=gp[:0], g_camids=gc[:0]), contains='gallery_feats')
+    test_fail(lambda: fd(distmat=D[:, :0], g_pids=gp[:0], g_camids=gc[:0]), contains='distmat')
+    test_fail(lambda: fd(distmat=D[:0], q_pids=qp[:0], q_camids=qc[:0]), contains='distmat')
+    # non-integer ids
+    for name, x in (('q_pids', qp), ('g_pids', gp), ('q_camids', qc), ('g_camids', gc)):
+        test_fail(lambda: f(**{name: x.float()}), contains=name)
+        test_fail(lambda: fd(**{name: x.bool()}), contains=name)
+        test_fail(lambda: fd(**{name: ['a'] * len(x)}), contains=name)
+        test_fail(lambda: fd(**{name: x[None]}), contains=name)
+    test_fail(lambda: fd(g_pids=gp - 5), contains='g_pids')
+    # max_rank, options, chunk_size, seed
+    for mr in (0, -1, 2.5, True, '5'): test_fail(lambda: fd(max_rank=mr), contains='max_rank')
+    test_fail(lambda: f(dist='cos'), contains='dist'); test_fail(lambda: reid_dist(qf, gf, 'l1'), contains='dist')
+    test_fail(lambda: f(protocol='market'), contains='protocol'); test_fail(lambda: fd(protocol=None), contains='protocol')
+    test_fail(lambda: f(ap='interpolated'), contains='ap'); test_fail(lambda: fd(ap='Standard'), contains='ap')
+    test_fail(lambda: fd(chunk_size=0), contains='chunk_size'); test_fail(lambda: f(chunk_size=1.5), contains='chunk_size')
+    test_fail(lambda: fd(seed='a'), contains='seed')
+    test_fail(lambda: f(query_feats='x'), contains='query_feats')
+    test_fail(lambda: fd(distmat=D.bool()), contains='distmat')
+
+# ---------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_agrees_with_reference():
+    for rng, (qp, gp, qc, gc) in problems(40, seed=16):
+        D = rng.random((len(qp), len(gp)))
+        ref = ref_metrics(D, qp, gp, qc, gc, 20, sklearn_ap=True)
+        res = run_ok(reid_metrics_from_dist, torch.tensor(D, device='cuda'), qp, gp, qc, gc, max_rank=20)
+        if ref[3] == 0: assert res is None; continue
+        check_close(res, ref)
+    qf, gf, *ids = trained_like(17)
+    D = reid_dist(qf.cuda(), gf.cuda())
+    check_close(reid_metrics(qf.cuda(), gf.cuda(), *ids, chunk_size=50), ref_metrics(D.double().cpu().numpy(), *(x.numpy() for x in ids)))
+    for protocol in ('market1501', 'cuhk03'):             # the draws do not depend on the device
+        same_result(reid_metrics_from_dist(D.cpu(), *ids, protocol=protocol), reid_metrics_from_dist(D, *ids, protocol=protocol))
