@@ -2,7 +2,8 @@
 
 `python .ci/readme.py` writes README.md; `python .ci/readme.py --check` fails when README.md is stale.
 Markdown cells are copied; code cells are shown as Python blocks with their text outputs, except
-cells marked `#| hide`; `#|` directive lines are dropped."""
+cells marked `#| hide`; `#|` directive lines are dropped. Images the notebook links as `images/x.png`
+(next to the notebook) are linked as `nbs/images/x.png` (next to the README)."""
 import json, sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def readme_text(nb_path=root/'nbs'/'index.ipynb'):
     blocks = []
     for cell in nb['cells']:
         src = _src(cell)
-        if cell['cell_type'] == 'markdown': blocks.append(src.strip())
+        if cell['cell_type'] == 'markdown': blocks.append(src.strip().replace('](images/', '](nbs/images/'))
         elif cell['cell_type'] == 'code' and not _is_hidden(src): blocks.append(_code_md(src, cell.get('outputs', [])))
     note = '<!-- Generated from nbs/index.ipynb by .ci/readme.py: edit the notebook, not this file. -->'
     return note + '\n\n' + '\n\n'.join(b for b in blocks if b) + '\n'
