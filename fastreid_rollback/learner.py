@@ -10,19 +10,20 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastcore.basics import store_attr, listify, patch, ifnone
+from fastcore.foundation import L
 from fastcore.meta import delegates
-from fastai.learner import Learner, ValueMetric
-from fastai.callback.core import Callback
+from fastai.learner import Learner, ValueMetric, _maybe_item
+from fastai.callback.core import Callback, CancelValidException
 from fastai.optimizer import OptimWrapper
 from fastai.metrics import accuracy
 import fastai.callback.all  # fastai's standard callbacks: progress table, `fit_one_cycle`, `to_fp16`, ...
 import matplotlib.pyplot as plt
 from PIL import Image
 from .model import ReIDModel, ReIDLoss, reid_splitter, unwrap_model
-from .metrics import reid_metrics
+from .metrics import reid_metrics, reid_dist, protocol_mask
 
 # %% auto #0
-__all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'reid_learner', 'ReIDEvalCallback']
+__all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'SkipEmptyValidCallback', 'reid_learner', 'ReIDEvalCallback']
 
 # %% ../nbs/04_learner.ipynb #ef5c2b2b
 def reference_sgd(params, # parameter groups (from the splitter)
@@ -58,6 +59,31 @@ class ReIDCallback(Callback):
         if isinstance(self.pred, tuple): self.learn.pred = self.pred[0]
 
 # %% ../nbs/04_learner.ipynb #a6b94c26
+def _in_validation(learn):
+    "Inside `Learner.validation_context` (`validate`, `get_preds`), which also sends `before_fit` to callbacks"
+    lock = getattr(learn, 'lock', None)
+    return lock is not None and lock.locked()
+
+class SkipEmptyValidCallback(Callback):
+    "Skips the validation phase of `fit` when `dls.valid` is empty, and drops the columns only it could fill"
+    order = 55  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
+    def before_fit(self):
+        self.skip,self.kept = not _in_validation(self.learn) and len(self.dls.valid) == 0,L()
+        rec = getattr(self.learn, 'recorder', None)
+        if not self.skip or rec is None or not rec.valid_metrics: return
+        mets = L(rec.loss) + self.learn.metrics  # what the `Recorder` logs after validation
+        self.kept = mets.filter(lambda m: isinstance(m, ValueMetric))
+        n,names = 2 + (len(self.learn.metrics) if rec.train_metrics else 0),rec.metric_names  # epoch, training columns
+        valid = [o for o,m in zip(names[n:n+len(mets)], mets) if isinstance(m, ValueMetric)]
+        rec.metric_names = names[:n] + valid + names[n+len(mets):]
+
+    def before_validate(self):
+        if self.skip: raise CancelValidException()
+
+    def after_validate(self):
+        if self.kept: self.recorder.log += self.kept.map(_maybe_item)  # the `Recorder` logs nothing for a cancelled validation
+
+# %% ../nbs/04_learner.ipynb #007b88fd
 _losses = ('ce', 'triplet', 'ce+triplet')
 
 @delegates(Learner.__init__)
@@ -84,7 +110,7 @@ def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
     model.with_feats = triplet
     loss_func = kwargs.pop('loss_func', None) or ReIDLoss('ce' in loss, triplet, label_smoothing, triplet_margin, triplet_normalize)
     return Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=reid_splitter, metrics=metrics,
-                   cbs=[ReIDCallback()]+listify(cbs), **kwargs)
+                   cbs=[ReIDCallback(), SkipEmptyValidCallback()]+listify(cbs), **kwargs)
 
 # %% ../nbs/04_learner.ipynb #ed10feec
 def _check_eval_dl(dl, name):
@@ -182,10 +208,6 @@ class ReIDEvalCallback(Callback):
         self._active = False
 
 # %% ../nbs/04_learner.ipynb #6f64f7b7
-def _excluded(qp, qc, gp, gc):
-    "Gallery images the Market-1501 protocol removes for a query of identity `qp` seen by camera `qc`"
-    return ((gp == qp) & (gc == qc)) | (gp == -1)
-
 def _show_img(ax, fn, title, colour=None):
     "Show image file `fn` on `ax` with `title` and a `colour` border"
     ax.imshow(Image.open(fn), interpolation='nearest'); ax.set_title(title, fontsize=8)
@@ -199,6 +221,7 @@ def show_ranked(self:Learner, n_queries:int=4, # number of queries (rows)
                 query=None, # query DataLoader (default `learn.dls.query`)
                 gallery=None, # gallery DataLoader (default `learn.dls.gallery`)
                 flip:bool=True, # flip test-time augmentation
+                dist:str='cosine', # 'cosine' or 'euclidean' (see `reid_dist`)
                 figsize:tuple=None, # figure size (default from the grid)
                ):
     "Grid of queries and their `top_k` gallery images, bordered green (true match) or red (wrong)"
@@ -207,12 +230,12 @@ def show_ranked(self:Learner, n_queries:int=4, # number of queries (rows)
     gf,gp,gc = self.reid_features(gallery, flip=flip)
     if idxs is None: idxs = torch.linspace(0, len(qf)-1, min(n_queries, len(qf))).round().long().tolist()
     top_k = min(top_k, len(gf))
+    d = reid_dist(qf[idxs], gf, dist).masked_fill_(~protocol_mask(qp[idxs], gp, qc[idxs], gc), math.inf)
     fig,axs = plt.subplots(len(idxs), top_k+1, figsize=figsize or (0.9*(top_k+1), 2*len(idxs)), squeeze=False)
-    for row,i in zip(axs, idxs):
-        sim = (gf@qf[i]).masked_fill(_excluded(qp[i], qc[i], gp, gc), -math.inf)
+    for row,i,di in zip(axs, idxs, d):
         _show_img(row[0], query.items[i], f'query\npid {qp[i].item()} cam {qc[i].item()}')
-        for ax,j in zip(row[1:], sim.topk(top_k).indices.tolist()):
-            if sim[j] == -math.inf: ax.axis('off'); continue
+        for ax,j in zip(row[1:], di.sort(stable=True).indices[:top_k].tolist()):
+            if di[j] == math.inf: ax.axis('off'); continue
             _show_img(ax, gallery.items[j], f'pid {gp[j].item()} cam {gc[j].item()}', 'green' if gp[j] == qp[i] else 'red')
     fig.tight_layout()
     return fig

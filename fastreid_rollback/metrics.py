@@ -12,7 +12,7 @@ from torch import Tensor
 from fastcore.basics import store_attr
 
 # %% auto #0
-__all__ = ['reid_dist', 'ReIDResult', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
+__all__ = ['protocol_mask', 'reid_dist', 'ReIDResult', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
 
 # %% ../nbs/00_metrics.ipynb #e88bf89a
 _dists, _protocols, _aps = ('cosine', 'euclidean'), ('market1501', 'cuhk03'), ('standard', 'trapezoid')
@@ -44,9 +44,9 @@ def _check_ids(x, name, n, what, device):
     if t.ndim != 1: raise ValueError(f"{name} must be 1-D (one id per image), got shape {tuple(t.shape)}")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
-    if len(t) != n: raise ValueError(f"{name} has {len(t)} entries, expected {n} (one per {what})")
+    if n is not None and len(t) != n: raise ValueError(f"{name} has {len(t)} entries, expected {n} (one per {what})")
     t = t.to(device=device, dtype=torch.int64)
-    if name.endswith('pids') and n and int(t.min()) < -1:
+    if name.endswith('pids') and len(t) and int(t.min()) < -1:
         raise ValueError(f"{name} must be >= -1 (-1 is junk, 0 a distractor), got {int(t.min())}")
     return t
 
@@ -69,6 +69,23 @@ def _check_all_ids(q_pids, g_pids, q_camids, g_camids, nq, ng, src, device):
     qw, gw = f"query (rows of {src})", f"gallery image (rows of gallery_feats)" if src == 'query_feats' else f"gallery image (columns of {src})"
     return (_check_ids(q_pids, 'q_pids', nq, qw, device), _check_ids(g_pids, 'g_pids', ng, gw, device),
             _check_ids(q_camids, 'q_camids', nq, qw, device), _check_ids(g_camids, 'g_camids', ng, gw, device))
+
+# %% ../nbs/00_metrics.ipynb #5e73df60
+def _kept(qp, gp, qc, gc):
+    "Elementwise (broadcasting): whether the gallery image (`gp`, `gc`) counts for the query (`qp`, `qc`)"
+    return (gp != -1) & ((gp != qp) | (gc != qc))
+
+def protocol_mask(q_pids, # identity of each query
+                  g_pids, # identity of each gallery image (-1 junk, 0 distractor)
+                  q_camids, # camera of each query
+                  g_camids, # camera of each gallery image
+                 )->Tensor:
+    "(n_query, n_gallery) bool mask, True where a gallery image counts for the query (on the device of `q_pids`)"
+    qp = _check_ids(q_pids, 'q_pids', None, 'query', None)
+    gp = _check_ids(g_pids, 'g_pids', None, 'gallery image', qp.device)
+    qc = _check_ids(q_camids, 'q_camids', len(qp), 'query, as q_pids', qp.device)
+    gc = _check_ids(g_camids, 'g_camids', len(gp), 'gallery image, as g_pids', qp.device)
+    return _kept(qp[:, None], gp, qc[:, None], gc)
 
 # %% ../nbs/00_metrics.ipynb #fe9a25de
 _block = 64
@@ -177,10 +194,10 @@ def _bin_scale(D, d, n):
     return lo, ((_nbins - 4) / width).clamp_(1e-30, 1e30)   # the hardest true match lands in bin _nbins-3, clear of the top bin
 
 # %% ../nbs/00_metrics.ipynb #3e5c9cad
-def _sorted_matches(D, qc, j, has, gal):
+def _sorted_matches(D, qp, qc, j, has, gal):
     "The true matches of each row sorted by (distance, gallery index), and the row's same-identity columns"
     cols, same = gal.same_id(j, has)
-    pos = same & (_at(gal.camids, cols) != qc[:, None])
+    pos = same & _kept(qp[:, None], _at(gal.pids, cols), qc[:, None], _at(gal.camids, cols))
     d, o = torch.sort(D.gather(1, cols).masked_fill_(~pos, math.inf), dim=1, stable=True)
     return d, cols.gather(1, o), pos.gather(1, o), cols, same
 
@@ -206,8 +223,8 @@ def _within_bin(D, bins, bpos, pos, qp, qc, gal):
     f = _flagged(lut, bins)                                     # row-major: sorted by (row, gallery index)
     r = torch.div(f, G, rounding_mode='floor'); g = f - r * G
     p, q = _at(gal.pids, g), _at(qp, r)
-    is_pos = (p == q) & (_at(gal.camids, g) != _at(qc, r))
-    keep = is_pos | ((p != q) & (p != -1))                      # true matches and negatives
+    keep = _kept(q, p, _at(qc, r), _at(gal.camids, g))          # true matches and negatives
+    is_pos = keep & (p == q)
     r, g, is_pos = (torch.masked_select(x, keep) for x in (r, g, is_pos))
     o = torch.sort(_at2(D, r, g), stable=True).indices          # order by (bin, distance, gallery index)
     r, g, is_pos = _at(r, o), _at(g, o), _at(is_pos, o)
@@ -224,7 +241,7 @@ def _within_bin(D, bins, bpos, pos, qp, qc, gal):
 def _match_ranks(D, qp, qc, j, has, gal):
     "(ranks, n): rank of each true match of each row of `D`, sorted, 0 where padded; number of true matches"
     c = len(D)
-    d, pcols, pos, cols, same = _sorted_matches(D, qc, j, has, gal)
+    d, pcols, pos, cols, same = _sorted_matches(D, qp, qc, j, has, gal)
     n = pos.sum(1)
     bins = _bins(D, *_bin_scale(D, d, n))
     hist = torch.bincount(bins.view(-1), minlength=c * _nbins)

@@ -1,6 +1,7 @@
 "Checks of `fastreid_rollback.learner` beyond the notebook: failure cases, recorder integration, precision, plots"
 import math, warnings, pytest, torch
 import matplotlib; matplotlib.use('Agg')
+import matplotlib.pyplot as plt
 from torch import nn
 from fastai.learner import Learner
 from fastai.callback.progress import ProgressCallback
@@ -57,15 +58,14 @@ def test_eval_callback_matches_reid_evaluate_and_logs(dls, tmp_path):
     learn = _learner(dls, cbs=[ReIDEvalCallback(every=0), CSVLogger(fname=tmp_path/'log.csv')])
     n_mets = len(learn.metrics)
     learn.fit(2, 0.01)
-    names = learn.recorder.metric_names[1:-1]
-    assert names[-5:] == ['rank1', 'rank5', 'rank10', 'mAP', 'mINP']
+    assert list(learn.recorder.metric_names) == ['epoch', 'train_loss', 'rank1', 'rank5', 'rank10', 'mAP', 'mINP', 'time']  # no validation set: no valid_loss, accuracy
     first, last = learn.recorder.values
     assert all(math.isnan(v) for v in first[-5:])
     r = learn.reid_evaluate()
     assert list(last[-5:]) == pytest.approx([r.rank(1), r.rank(5), r.rank(10), r.mAP, r.mINP])
     assert learn.reid_result.mAP == pytest.approx(r.mAP) and list(learn.cbs.filter(lambda c: isinstance(c, ReIDEvalCallback))[0].results) == [1]
     header = (tmp_path/'log.csv').read_text().splitlines()[0].split(',')
-    assert header[-6:-1] == ['rank1', 'rank5', 'rank10', 'mAP', 'mINP']
+    assert header == list(learn.recorder.metric_names)
     assert len(learn.metrics) == n_mets  # the ReID metrics are removed after fit
     res = learn.validate()  # outside a training fit the callback does not evaluate
     assert len(res) == n_mets+1+5 and all(math.isnan(v) for v in res[-5:]) and len(learn.metrics) == n_mets
@@ -132,6 +132,11 @@ def test_mixed_precision_runs(dls):
     assert f.dtype == torch.float32
 
 
+def _titles(ax):
+    "(pid, cam) from the title of an image of `show_ranked`"
+    pid, cam = (int(v) for v in ax.get_title().replace('query', '').replace('pid ', '').replace('cam ', '').split())
+    return pid, cam
+
 def test_show_ranked(dls):
     learn = _learner(dls)
     fig = learn.show_ranked(n_queries=2, top_k=4)
@@ -139,10 +144,60 @@ def test_show_ranked(dls):
     assert len(axs) == 2*5
     q, g = dls.query, dls.gallery
     for row in (axs[:5], axs[5:]):
-        qpid = int(row[0].get_title().split('pid ')[1].split()[0])
+        qpid, qcam = _titles(row[0])
         for ax in row[1:]:
-            pid, cam = (int(v) for v in ax.get_title().replace('pid ', '').replace('cam ', '').split())
+            pid, cam = _titles(ax)
             colour = matplotlib.colors.to_hex(ax.spines['left'].get_edgecolor())
             assert colour == ('#008000' if pid == qpid else '#ff0000')
-            assert pid != -1
-    learn.show_ranked(idxs=[0], top_k=len(g.items)+5)  # more than the gallery: shows what there is
+            assert pid != -1 and (pid, cam) != (qpid, qcam)
+    # the whole gallery: exactly the images the protocol keeps for the query, nearest first, as the metrics rank them
+    fig = learn.show_ranked(idxs=[0], top_k=len(g.items)+5)  # more than the gallery: shows what there is
+    shown = [_titles(ax) for ax in fig.axes[1:] if ax.axison]
+    gp, gc, qp, qc = g.pids.tolist(), g.camids.tolist(), int(q.pids[0]), int(q.camids[0])
+    keep = [i for i in range(len(gp)) if gp[i] != -1 and (gp[i], gc[i]) != (qp, qc)]
+    qf, _, _ = learn.reid_features(q); gf, _, _ = learn.reid_features(g)
+    d = (1 - gf @ qf[0]).tolist()
+    assert shown == [(gp[i], gc[i]) for i in sorted(keep, key=lambda i: (d[i], i))]
+    assert len(fig.axes) == len(g.items)+1 and not any(ax.axison for ax in fig.axes[1+len(keep):])
+    plt.close('all')
+
+
+# ---------------------------------------------------------------- no validation set (valid_pct=0)
+def _no_empty_warning(recwarn): return not [w for w in recwarn if 'generator is empty' in str(w.message)]
+
+def test_empty_valid_is_skipped_quietly(dls, recwarn, capsys, tmp_path):
+    assert len(dls.valid) == 0
+    learn = reid_learner(dls, 'resnet18', pretrained=False, cbs=CSVLogger(fname=tmp_path/'log.csv'))  # with the progress table
+    learn.fit(1, 0.01)
+    assert _no_empty_warning(recwarn)
+    assert list(learn.recorder.metric_names) == ['epoch', 'train_loss', 'time']
+    assert all(len(v) == 1 and math.isfinite(v[0]) for v in learn.recorder.values)
+    out = capsys.readouterr().out
+    assert 'train_loss' in out and 'valid_loss' not in out and 'accuracy' not in out and 'None' not in out
+    assert (tmp_path/'log.csv').read_text().splitlines()[0].split(',') == ['epoch', 'train_loss', 'time']
+    learn.remove_cb(SkipEmptyValidCallback)  # what fastai does without it
+    learn.fit(1, 0.01)
+    assert not _no_empty_warning(recwarn)
+    assert list(learn.recorder.metric_names) == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'time'] and list(learn.recorder.values[-1][1:]) == [None, None]
+
+def test_empty_valid_keeps_reid_columns(dls, recwarn):
+    learn = reid_learner(dls, 'resnet18', pretrained=False, cbs=ReIDEvalCallback())
+    learn.recorder.train_metrics = True   # training columns of every metric, then the validation columns that can have a value
+    learn.fit(1, 0.01)
+    assert _no_empty_warning(recwarn)
+    names = list(learn.recorder.metric_names)
+    assert names == ['epoch', 'train_loss', 'train_accuracy', *[f'train_{n}' for n in reid_metric_names], *[f'valid_{n}' for n in reid_metric_names], 'time']
+    v = learn.recorder.values[-1]
+    assert len(v) == len(names)-2 and 0 <= v[1] <= 1 and all(math.isnan(x) for x in v[2:7])
+    r = learn.reid_result
+    assert list(v[-5:]) == pytest.approx([r.rank(1), r.rank(5), r.rank(10), r.mAP, r.mINP])
+
+def test_valid_set_still_validated(df, recwarn):
+    vdls = reid_dls(df, size=(32, 16), bs=16, sampler='pk', p=4, k=2, seed=0, valid_pct=0.25)
+    assert len(vdls.valid) > 0
+    learn = _learner(vdls, cbs=ReIDEvalCallback())
+    learn.fit(1, 0.01)
+    assert list(learn.recorder.metric_names) == ['epoch', 'train_loss', 'valid_loss', 'accuracy', *reid_metric_names, 'time']
+    v = learn.recorder.values[-1]
+    assert all(isinstance(x, float) and math.isfinite(x) for x in v)
+    assert v[1] == pytest.approx(learn.validate()[0], rel=1e-5)   # the validation loss of the trained model

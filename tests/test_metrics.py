@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score
-from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, ReIDResult, plot_cmc
+from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, ReIDResult, plot_cmc, protocol_mask
 
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
@@ -281,6 +281,29 @@ def test_plot_cmc():
     test_fail(lambda: plot_cmc(a, labels=['x', 'y']), contains='labels')
     test_fail(lambda: plot_cmc(a, 3), contains='results')
 
+# ---------------------------------------------------------------- the protocol as a mask
+def test_protocol_mask_is_the_valid_gallery():
+    for rng, (qp, gp, qc, gc) in problems(60, seed=20):
+        m = protocol_mask(torch.tensor(qp), torch.tensor(gp), torch.tensor(qc), torch.tensor(gc))
+        assert m.shape == (len(qp), len(gp)) and m.dtype == torch.bool
+        for q in range(len(qp)): assert m[q].nonzero().squeeze(1).tolist() == ref_query(np.zeros(len(gp)), qp[q], qc[q], gp, gc)[2].tolist()
+    assert torch.equal(protocol_mask(list(qp), gp, qc.tolist(), gc), m)   # lists and numpy arrays
+
+def test_protocol_mask_leaves_out_what_the_metrics_ignore():
+    for rng, (qp, gp, qc, gc) in problems(60, seed=21):
+        D = torch.tensor(np.round(rng.random((len(qp), len(gp))) * 8) / 8)
+        res = run_ok(reid_metrics_from_dist, D, qp, gp, qc, gc, max_rank=10)
+        if res is None: continue
+        m = protocol_mask(qp, gp, qc, gc)
+        for fill in (0, 2): same_result(reid_metrics_from_dist(D.masked_fill(~m, fill), qp, gp, qc, gc, max_rank=10), res)
+
+def test_protocol_mask_errors():
+    test_fail(lambda: protocol_mask([1, 2], [1, 2], [0], [0, 0]), contains='q_camids')
+    test_fail(lambda: protocol_mask([1, 2], [1, 2], [0, 0], [0]), contains='g_camids')
+    test_fail(lambda: protocol_mask([[1, 2]], [1, 2], [0, 0], [0, 0]), contains='q_pids')
+    test_fail(lambda: protocol_mask([1, 2], [1.5, 2], [0, 0], [0, 0]), contains='g_pids')
+    test_fail(lambda: protocol_mask([1, 2], [-2, 2], [0, 0], [0, 0]), contains='g_pids')
+
 # ---------------------------------------------------------------- bad input
 def test_bad_input_errors():
     qf, gf, qp, gp, qc, gc = trained_like(15, nq=10, ng=30)
@@ -339,3 +362,5 @@ def test_cuda_agrees_with_reference():
     check_close(reid_metrics(qf.cuda(), gf.cuda(), *ids, chunk_size=50), ref_metrics(D.double().cpu().numpy(), *(x.numpy() for x in ids)))
     for protocol in ('market1501', 'cuhk03'):             # the draws do not depend on the device
         same_result(reid_metrics_from_dist(D.cpu(), *ids, protocol=protocol), reid_metrics_from_dist(D, *ids, protocol=protocol))
+    m = protocol_mask(*(x.cuda() for x in ids))
+    assert m.is_cuda and torch.equal(m.cpu(), protocol_mask(*ids))
