@@ -23,7 +23,8 @@ from .model import ReIDModel, ReIDLoss, reid_splitter, unwrap_model
 from .metrics import reid_metrics, reid_dist, protocol_mask
 
 # %% auto #0
-__all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'SkipEmptyValidCallback', 'reid_learner', 'ReIDEvalCallback']
+__all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner',
+           'ReIDEvalCallback']
 
 # %% ../nbs/04_learner.ipynb #ef5c2b2b
 def reference_sgd(params, # parameter groups (from the splitter)
@@ -59,8 +60,8 @@ class ReIDCallback(Callback):
         if isinstance(self.pred, tuple): self.learn.pred = self.pred[0]
 
 # %% ../nbs/04_learner.ipynb #a6b94c26
-def _in_validation(learn):
-    "Inside `Learner.validation_context` (`validate`, `get_preds`), which also sends `before_fit` to callbacks"
+def in_validation(learn:Learner):
+    "Whether `learn` is inside `validation_context` (`validate`, `get_preds`), which also sends `before_fit`/`before_epoch` to callbacks"
     lock = getattr(learn, 'lock', None)
     return lock is not None and lock.locked()
 
@@ -68,7 +69,7 @@ class SkipEmptyValidCallback(Callback):
     "Skips the validation phase of `fit` when `dls.valid` is empty, and drops the columns only it could fill"
     order = 55  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
     def before_fit(self):
-        self.skip,self.kept = not _in_validation(self.learn) and len(self.dls.valid) == 0,L()
+        self.skip,self.kept = not in_validation(self.learn) and len(self.dls.valid) == 0,L()
         rec = getattr(self.learn, 'recorder', None)
         if not self.skip or rec is None or not rec.valid_metrics: return
         mets = L(rec.loss) + self.learn.metrics  # what the `Recorder` logs after validation

@@ -21,6 +21,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 from .model import block_names, block_modules, block_state, load_block_state, reid_splitter, unwrap_model
 from .model import load_backbone_weights
+from .learner import in_validation
 
 # %% auto #0
 __all__ = ['default_keep', 'period_epochs', 'load_pretrained_state', 'clear_opt_state', 'fresh_opt', 'RollbackCallback',
@@ -83,11 +84,6 @@ def fresh_opt(learn:Learner):
     for k in hypers[0]: learn.opt.set_hyper(k, [h[k] for h in hypers])
 
 # %% ../nbs/05_rollback.ipynb #1c7bdf5c
-def _in_validation(learn):
-    "Inside `Learner.validation_context` (`validate`, `get_preds`), which also sends `before_fit`/`before_epoch` to callbacks"
-    lock = getattr(learn, 'lock', None)
-    return lock is not None and lock.locked()
-
 def _group_owners(model, opt):
     "Which block (or 'head') the parameters of each group of `opt` belong to"
     owner = {id(p):n for n in block_names(model) for m in block_modules(model, n) for p in m.parameters()}
@@ -139,7 +135,7 @@ class RollbackCallback(Callback):
 
     def before_fit(self):
         "Check everything, take the snapshot, the parameter groups and the per-period LRs"
-        if _in_validation(self.learn): return
+        if in_validation(self.learn): return
         if any(isinstance(cb, ParamScheduler) for cb in self.learn.cbs): raise ValueError(
             "RollbackCallback sets the learning rates itself: remove the ParamScheduler from this fit (fit_one_cycle, "
             "fit_flat_cos, fit_sgdr and lr_find add one); use learn.fit or learn.fit_rollback, with sched='one_cycle' for a 1cycle per period")
@@ -205,7 +201,7 @@ class RollbackCallback(Callback):
 
     def after_fit(self):
         "Leave the roll-backs and LRs in the recorder"
-        if not _in_validation(self.learn) and hasattr(self.learn, 'recorder'): self.recorder.rollback_events,self.recorder.group_lrs = self.events,self.lr_df
+        if not in_validation(self.learn) and hasattr(self.learn, 'recorder'): self.recorder.rollback_events,self.recorder.group_lrs = self.events,self.lr_df
 
     @property
     def lr_df(self):
@@ -247,7 +243,7 @@ class SeedEachEpoch(Callback):
     def __init__(self, seed:int=0, # base seed: epoch `e` starts from `epoch_seed(seed, e)`
                 ): store_attr()
     def before_epoch(self):
-        if _in_validation(self.learn): return
+        if in_validation(self.learn): return
         s = epoch_seed(self.seed, self.epoch)
         set_seed(s)
         dl = self.dls.train
@@ -279,14 +275,14 @@ class BlockGradStats(Callback):
     "Record, per epoch and per block (and the head), the mean squared gradient of the block's parameters"
     order,run_valid = MixedPrecision.order+1,False
     def before_fit(self):
-        if _in_validation(self.learn): return
+        if in_validation(self.learn): return
         self.names = block_names(self.model) + ['head']
         self.params = reid_splitter(self.model)
         self.numel = torch.tensor([float(sum(p.numel() for p in ps)) or 1. for ps in self.params])
         self.records,self.rollback_epochs = [],[]
 
     def before_epoch(self):
-        if not _in_validation(self.learn): self.sums,self.n = None,0
+        if not in_validation(self.learn): self.sums,self.n = None,0
 
     def before_step(self):
         "Accumulate the sum of squared gradients of each block (gradients already unscaled under `MixedPrecision`)"
@@ -297,13 +293,13 @@ class BlockGradStats(Callback):
         self.n += 1
 
     def after_epoch(self):
-        if _in_validation(self.learn): return
+        if in_validation(self.learn): return
         if self.n: self.records.append([self.epoch] + (self.sums.cpu()/(self.numel*self.n)).tolist())
         rb = [cb for cb in self.learn.cbs if isinstance(cb, RollbackCallback)]
         if rb: self.rollback_epochs = [ev['epoch'] for ev in getattr(rb[0], 'events', [])]
 
     def after_fit(self):
-        if not _in_validation(self.learn) and hasattr(self.learn, 'recorder'): self.recorder.block_grads,self.recorder.rollback_epochs = self.df,self.rollback_epochs
+        if not in_validation(self.learn) and hasattr(self.learn, 'recorder'): self.recorder.block_grads,self.recorder.rollback_epochs = self.df,self.rollback_epochs
 
     @property
     def df(self):
