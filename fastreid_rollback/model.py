@@ -15,9 +15,10 @@ from fastcore.basics import store_attr, listify
 from fastai.torch_core import Module
 
 # %% auto #0
-__all__ = ['resnet_blocks', 'resnet_archs', 'create_backbone', 'weights_cache_file', 'load_backbone_weights', 'ClassBlock',
-           'ChannelScale', 'BNNeck', 'ReIDModel', 'unwrap_model', 'block_names', 'block_modules', 'block_state',
-           'load_block_state', 'snapshot_blocks', 'reid_splitter', 'save_backbone', 'batch_hard_triplet', 'ReIDLoss']
+__all__ = ['resnet_blocks', 'resnet_archs', 'create_backbone', 'weights_cache_file', 'load_backbone_weights', 'atomic_save',
+           'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'unwrap_model', 'block_names', 'block_modules',
+           'block_state', 'load_block_state', 'snapshot_blocks', 'reid_splitter', 'save_backbone', 'batch_hard_triplet',
+           'ReIDLoss']
 
 # %% ../nbs/03_model.ipynb #19ccafa4
 resnet_blocks = {'stem': ['conv1', 'bn1'], 'layer1': ['layer1'], 'layer2': ['layer2'],
@@ -89,8 +90,10 @@ def load_backbone_weights(backbone:nn.Module, # the body to load into
     return fn
 
 # %% ../nbs/03_model.ipynb #bfac9a4f
-def _atomic_save(obj, path):
-    "`torch.save` `obj` to `path` through a temporary file in the same folder"
+def atomic_save(obj, # anything `torch.save` takes
+                path, # file to write; its folder is created if needed
+               ):
+    "`torch.save` `obj` to `path` through a temporary file in the same folder, so `path` is never half-written"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd,tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
@@ -287,7 +290,7 @@ def save_backbone(model:nn.Module, # a ReIDModel (possibly wrapped) or a bare ba
     "Save the backbone weights of `model` to `path` in a form `pretrained=path` loads"
     m = unwrap_model(model)
     bb = m.backbone if isinstance(m, ReIDModel) else m
-    return _atomic_save({k:v.detach().cpu().clone() for k,v in bb.state_dict().items()}, path)
+    return atomic_save({k:v.detach().cpu().clone() for k,v in bb.state_dict().items()}, path)
 
 # %% ../nbs/03_model.ipynb #0766186f
 def batch_hard_triplet(feats:Tensor, # (B, d) features
