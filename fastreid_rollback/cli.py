@@ -4,14 +4,14 @@
 
 # %% ../nbs/07_cli.ipynb #17844143
 from __future__ import annotations
-import os, sys, json, inspect
+import sys, json, inspect
 from pathlib import Path
 from fastcore.script import anno_parser, store_true
 from .synthetic import synthetic_reid
 from .data import market1501, dukemtmc_reid, msmt17, cuhk03_np, reid_dls
-from .model import ReIDModel
 from .learner import reid_learner
-from .experiment import *
+from .experiment import (imagenet_weights_available, pretrain_backbone, compare_rollback, train_reid,
+                                          save_report, save_checkpoint, read_checkpoint)
 
 # %% auto #0
 __all__ = ['demo_settings', 'readers', 'commands', 'demo', 'read_dataset', 'train', 'evaluate', 'main']

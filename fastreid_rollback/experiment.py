@@ -101,7 +101,7 @@ class CheckpointCallback(Callback):
     def before_fit(self):
         if self.period_len is None:
             rb = [cb for cb in self.learn.cbs if isinstance(cb, RollbackCallback)]
-            self.period_len = rb[0].epochs_per_period if rb else self.n_epoch
+            self.period_len = rb[0].period_len if rb else self.n_epoch
         self.ran = False
 
     def before_train(self): self.ran = True
@@ -181,9 +181,8 @@ def compare_rollback(dls, # `reid_dls` DataLoaders (with query and gallery)
 def results_table(runs:dict, # {name: ReIDRun}
                  ) -> pd.DataFrame:
     "The side-by-side table: rank-1, rank-5, rank-10, mAP, mINP and training time of each run"
-    rows = {name: {'rank1': r.result.rank(1), 'rank5': r.result.rank(5), 'rank10': r.result.rank(10),
-                   'mAP': r.result.mAP, 'mINP': r.result.mINP, 'train_time_s': r.train_time} for name,r in runs.items()}
-    return pd.DataFrame.from_dict(rows, orient='index').round(4)
+    cols = ['rank1', 'rank5', 'rank10', 'mAP', 'mINP', 'train_time_s']
+    return pd.DataFrame.from_dict({name: r.as_dict() for name,r in runs.items()}, orient='index')[cols].round(4)
 
 # %% ../nbs/06_experiment.ipynb #0f795e5f
 def plot_losses(runs:dict, # {name: ReIDRun}
