@@ -134,7 +134,7 @@ def distributed(learn:Learner):
     try: import accelerate, fastai.distributed
     except ImportError as e: raise ValueError(
         f"{num_distrib()} processes were launched but Accelerate is missing ({e}): pip install 'fastreid-rollback[distributed]'") from None
-    return learn.distrib_ctx()
+    return learn.distrib_ctx()  # fastai's DistributedDL needs CUDA: several processes means several GPUs
 
 def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                arch:str='resnet50', # torchvision architecture name
@@ -148,7 +148,7 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                resume:bool=False, # continue from `out/checkpoints/last.pth`
                fp16:bool=False, # mixed precision (`learn.to_fp16()`)
                seed:int=0, # seed of the initialisation and of every epoch's randomness
-               eval_every:int=None, # ReID metrics in the progress table every this many epochs (default: each period end)
+               eval_every:int=None, # ReID metrics in the progress table every this many epochs (default: each period end; not under DDP)
                **learner_kwargs, # passed to `reid_learner`
               ) -> ReIDRun:
     "Train a `reid_learner` with the rolling-back schedule (or the baseline, `n_periods=1`) and evaluate it"
@@ -156,7 +156,9 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
     learn = reid_learner(dls, arch=arch, pretrained=pretrained, **learner_kwargs)
     if fp16: learn.to_fp16()
     rollback, grads = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period), BlockGradStats()
-    cbs = [rollback, grads, SeedEachEpoch(seed), ReIDEvalCallback(every=eval_every or epochs_per_period)]
+    cbs = [rollback, grads, SeedEachEpoch(seed)]
+    # under DDP the query/gallery loaders are sharded during the fit: evaluate after it only
+    if num_distrib() <= 1: cbs.append(ReIDEvalCallback(every=eval_every or epochs_per_period))
     start = 0
     if out is not None:
         ckpt = Path(out)/'checkpoints'
