@@ -8,6 +8,13 @@ Market-1501 size: 3,368 queries x 15,913 gallery (13,120 images of 751 identitie
 64-d subspace, a camera offset, isotropic noise tuned so mAP lands in 0.7-0.9) and pure random
 features (the worst case). MSMT17 size: 11,659 x 82,161, 3,060 identities, 15 cameras, 2048-d, from
 features (chunked), run in a child process so its peak resident memory is its own.
+
+    .venv/bin/python benchmarks/metrics.py --device cuda   # the same problems on the GPU (target: Market under 20 ms)
+
+On a GPU: Market-1501 size with the distance matrix on the GPU (trained-like and random), timed with
+the device synchronised, beside one `torch.sort` of the matrix there and the numpy baseline (300 sampled
+queries, extrapolated); MSMT17 size from features on the GPU, with the peak GPU memory. Every GPU
+result is checked against the same computation on the CPU.
 """
 import argparse, json, math, os, resource, subprocess, sys, time
 import numpy as np
@@ -107,6 +114,70 @@ def market(quick, out):
         print(json.dumps(row), flush=True); out.append(row)
         del D
 
+# ---------------------------------------------------------------- on a GPU
+def sync_time(f, n, device):
+    "Median seconds of `f()` over `n` calls, the device synchronised around each call"
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    ts = []
+    for _ in range(n):
+        sync(); t = time.perf_counter(); r = f(); sync(); ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), r
+
+def same_result(a, b, tol=1e-9):
+    "Two `ReIDResult`s agree (CMC, mAP and mINP)"
+    return bool(torch.allclose(a.cmc, b.cmc, atol=tol) and abs(a.mAP - b.mAP) < tol and abs(a.mINP - b.mINP) < tol)
+
+def market_device(device, quick, out):
+    "Market-1501 size, distance matrix on `device`: the library (synchronised) beside one sort there and the numpy baseline"
+    g = torch.Generator().manual_seed(0)
+    ids = make_ids(g, **MARKET)
+    dids = [x.to(device) for x in ids]
+    reps = 5 if quick else 20
+    for kind in ('trained-like', 'random'):
+        qf, gf = make_feats(g, ids, kind=kind, **MARKET)
+        D = reid_dist(qf, gf); del qf, gf
+        Dd = D.to(device)
+        for _ in range(3): reid_metrics_from_dist(Dd, *dids)                       # warm-up (kernels, allocator)
+        t_lib, res = sync_time(lambda: reid_metrics_from_dist(Dd, *dids), reps, device)
+        t_sort, _ = sync_time(lambda: torch.sort(Dd, dim=1), reps, device)
+        idx = np.sort(np.random.default_rng(0).choice(len(D), 300, replace=False))
+        t_b, base = baseline_time(D, ids, idx)
+        t_base = t_b * len(D) / len(idx)
+        row = dict(size='Market-1501', features=kind, device=str(device), queries=len(D), gallery=D.shape[1],
+                   mAP=round(res.mAP, 4), rank1=round(res.rank(1), 4), library_ms=round(1e3 * t_lib, 2),
+                   full_sort_ms=round(1e3 * t_sort, 2), numpy_baseline_s=round(t_base, 2), baseline_queries=len(idx),
+                   speedup=round(t_base / t_lib, 1), same_as_cpu=same_result(res, reid_metrics_from_dist(D, *ids)),
+                   agrees_with_baseline=agrees(D, ids, idx, base))
+        print(json.dumps(row), flush=True); out.append(row)
+        del D, Dd
+
+def msmt_device(device, quick, out):
+    "MSMT17 size from features on `device` (chunked): time, peak memory of the device, and the CPU's answer on a sample"
+    nq = 1024 if quick else MSMT['nq']
+    g = torch.Generator().manual_seed(1)
+    ids = make_ids(g, **{**MSMT, 'nq': nq})
+    qf, gf = make_feats(g, ids, kind='trained-like', **MSMT)
+    qd, gd, dids = qf.to(device), gf.to(device), [x.to(device) for x in ids]
+    reid_metrics(qd[:64], gd, dids[0][:64], dids[1], dids[2][:64], dids[3])        # warm-up
+    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
+    t_lib, res = sync_time(lambda: reid_metrics(qd, gd, *dids), 1 if quick else 3, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
+    s = slice(0, 256)                                                                 # the CPU on the first 256 queries
+    cpu = reid_metrics(qf[s], gf, ids[0][s], ids[1], ids[2][s], ids[3])
+    dev = reid_metrics(qd[s], gd, dids[0][s], dids[1], dids[2][s], dids[3])
+    row = dict(size='MSMT17', features='trained-like', device=str(device), queries=nq, gallery=MSMT['n_id_imgs'],
+               mAP=round(res.mAP, 4), rank1=round(res.rank(1), 4), library_ms=round(1e3 * t_lib, 1),
+               peak_device_memory_gb=round(peak, 2), same_as_cpu_on_256_queries=same_result(dev, cpu, 1e-6))
+    print(json.dumps(row), flush=True); out.append(row)
+
+def print_device_rows(out):
+    for r in out:
+        line = f"{r['size']:12s} {r['features']:13s} {r['device']:6s} library {r['library_ms']:9.2f} ms"
+        if 'full_sort_ms' in r: line += (f"   one torch.sort there {r['full_sort_ms']:.2f} ms   numpy baseline {r['numpy_baseline_s']:.1f} s"
+                                         f" (x{r['speedup']})   same as CPU {r['same_as_cpu']}   agrees with baseline {r['agrees_with_baseline']}")
+        else: line += f"   peak device memory {r['peak_device_memory_gb']} GB   same as CPU {r['same_as_cpu_on_256_queries']}"
+        print(line + f"   mAP {r['mAP']}")
+
 # ---------------------------------------------------------------- MSMT17 size, in a child process
 def peak_rss_gb():
     "Peak resident set of this process (VmHWM: getrusage's ru_maxrss would carry the parent's peak over exec)"
@@ -150,9 +221,18 @@ def msmt(quick, out):
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--quick', action='store_true', help='fewer repeats, sampled baselines, MSMT17 on 1,024 queries')
+    ap.add_argument('--device', default='cpu', help="'cpu' (the full CPU benchmark) or a GPU, e.g. 'cuda'")
     ap.add_argument('--msmt-child', type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.msmt_child: msmt_child(a.msmt_child, 'trained-like'); sys.exit()
+    device = torch.device(a.device)
+    if device.type != 'cpu':
+        if device.type == 'cuda' and not torch.cuda.is_available(): sys.exit("--device cuda: torch sees no CUDA device here")
+        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else str(device)
+        print(f"torch {torch.__version__} on {name}; library times are medians, device synchronised", flush=True)
+        out = []
+        market_device(device, a.quick, out); msmt_device(device, a.quick, out)
+        print_device_rows(out); sys.exit()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
           f"library times are medians of repeats, distance matrix given (Market) or from features (MSMT17); "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
