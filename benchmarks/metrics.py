@@ -5,8 +5,9 @@
 
 Market-1501 size: 3,368 queries x 15,913 gallery (13,120 images of 751 identities + 2,793 distractors),
 6 cameras, 2048-d features, distance matrix given; trained-like features (identity centres in a
-64-d subspace, a camera offset, isotropic noise tuned so mAP lands in 0.7-0.9) and pure random
-features (the worst case). MSMT17 size: 11,659 x 82,161, 3,060 identities, 15 cameras, 2048-d, from
+64-d subspace, a camera offset, isotropic noise tuned so mAP lands in 0.7-0.9), pure random
+features (the worst case without ties), and two matrices full of ties: the random distances rounded
+to half precision, and all distances equal (a collapsed model). MSMT17 size: 11,659 x 82,161, 3,060 identities, 15 cameras, 2048-d, from
 features (chunked), run in a child process so its peak resident memory is its own.
 
     .venv/bin/python benchmarks/metrics.py --device cuda   # the same problems on the GPU (target: Market under 20 ms)
@@ -65,6 +66,11 @@ def make_feats(g, ids, n_ids, n_cams, dim, kind, sigma, latent=64, cam_w=.3, blo
         return out
     return feats(ids[0], ids[2]), feats(ids[1], ids[3])
 
+def tie_dists(g, ids, kind):
+    "Distances full of ties: random ones rounded to half precision, or all equal (a collapsed model's)"
+    if kind == 'ties: all equal': return torch.ones(len(ids[0]), len(ids[1]))
+    return reid_dist(*make_feats(g, ids, kind='random', **MARKET)).half().float()
+
 # ---------------------------------------------------------------- timing helpers
 def median_time(f, n):
     ts = []
@@ -92,17 +98,15 @@ def market(quick, out):
     g = torch.Generator().manual_seed(0)
     ids = make_ids(g, **MARKET)
     reps = 3 if quick else 5
-    for kind in ('trained-like', 'random'):
-        qf, gf = make_feats(g, ids, kind=kind, **MARKET)
-        D = reid_dist(qf, gf)
-        del qf, gf
+    for kind in ('trained-like', 'random', 'ties: half precision', 'ties: all equal'):
+        D = tie_dists(g, ids, kind) if kind.startswith('ties') else reid_dist(*make_feats(g, ids, kind=kind, **MARKET))
         reid_metrics_from_dist(D, *ids)                                      # warm-up
         t_lib, res = median_time(lambda: reid_metrics_from_dist(D, *ids), reps)
         n_thr = torch.get_num_threads(); torch.set_num_threads(1)     # the same on one thread: robust to a busy machine
         t_lib1, _ = median_time(lambda: reid_metrics_from_dist(D, *ids), reps)
         torch.set_num_threads(n_thr)
         t_sort, _ = median_time(lambda: torch.sort(D, dim=1), 3)
-        n_base = 300 if quick or kind == 'random' else len(D)
+        n_base = 300 if quick or kind != 'trained-like' else len(D)
         idx = np.sort(np.random.default_rng(0).choice(len(D), n_base, replace=False))
         t_b, base = baseline_time(D, ids, idx)
         t_base = t_b * len(D) / n_base
@@ -133,9 +137,8 @@ def market_device(device, quick, out):
     ids = make_ids(g, **MARKET)
     dids = [x.to(device) for x in ids]
     reps = 5 if quick else 20
-    for kind in ('trained-like', 'random'):
-        qf, gf = make_feats(g, ids, kind=kind, **MARKET)
-        D = reid_dist(qf, gf); del qf, gf
+    for kind in ('trained-like', 'random', 'ties: half precision', 'ties: all equal'):
+        D = tie_dists(g, ids, kind) if kind.startswith('ties') else reid_dist(*make_feats(g, ids, kind=kind, **MARKET))
         Dd = D.to(device)
         for _ in range(3): reid_metrics_from_dist(Dd, *dids)                       # warm-up (kernels, allocator)
         t_lib, res = sync_time(lambda: reid_metrics_from_dist(Dd, *dids), reps, device)
@@ -172,7 +175,7 @@ def msmt_device(device, quick, out):
 
 def print_device_rows(out):
     for r in out:
-        line = f"{r['size']:12s} {r['features']:13s} {r['device']:6s} library {r['library_ms']:9.2f} ms"
+        line = f"{r['size']:12s} {r['features']:20s} {r['device']:6s} library {r['library_ms']:9.2f} ms"
         if 'full_sort_ms' in r: line += (f"   one torch.sort there {r['full_sort_ms']:.2f} ms   numpy baseline {r['numpy_baseline_s']:.1f} s"
                                          f" (x{r['speedup']})   same as CPU {r['same_as_cpu']}   agrees with baseline {r['agrees_with_baseline']}")
         else: line += f"   peak device memory {r['peak_device_memory_gb']} GB   same as CPU {r['same_as_cpu_on_256_queries']}"
@@ -239,7 +242,7 @@ if __name__ == '__main__':
     out = []
     market(a.quick, out); msmt(a.quick, out)
     for r in out:
-        line = f"{r['size']:12s} {r['features']:13s} library {r['library_s']:8.3f} s   numpy baseline {r['numpy_baseline_s']:8.1f} s ({r['baseline_queries']})   speed-up x{r['speedup']}"
+        line = f"{r['size']:12s} {r['features']:20s} library {r['library_s']:8.3f} s   numpy baseline {r['numpy_baseline_s']:8.1f} s ({r['baseline_queries']})   speed-up x{r['speedup']}"
         if 'full_sort_s' in r: line += f"   (1 thread {r['library_1_thread_s']:.3f} s)   one torch.sort of the matrix {r['full_sort_s']:.3f} s   mAP {r['mAP']}"
         else: line += f"   peak RSS {r['peak_rss_gb']} GB   mAP {r['mAP']}"
         print(line)

@@ -207,13 +207,26 @@ def _negatives_before(bins, cum, pcols, pos):
     return torch.where(pos, _at(cum, (bpos.long() - 1).clamp_min_(0)), 0), bpos
 
 def _flagged(lut, bins):
-    "Flat indices of the entries of `bins` whose bin is set in `lut` (few): `nonzero` on 8-byte words, then on bytes"
+    "Flat indices of the entries of `bins` whose bin is set in `lut` (usually few): `nonzero` on 8-byte words, then on bytes"
     n = bins.numel()
     buf = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=bins.device)
     torch.index_select(lut, 0, bins.view(-1), out=buf[:n])
     w = buf.view(torch.int64).nonzero().squeeze(1)
     f = (w[:, None] * 8 + torch.arange(8, device=bins.device)).view(-1)
     return torch.masked_select(f, _at(buf, f))
+
+def _float32_key(d):
+    "int64 keys in [0, 2**32) ordered as the float32 values `d` (-0.0 equal to 0.0): the bits, sign-flipped"
+    i = (d + 0.).view(torch.int32).long()
+    return torch.where(i < 0, -1 - i, i + 2**31)
+
+def _row_distance_order(D, r, g):
+    "Permutation of entries in (row, gallery index) order into (row, distance, gallery index) order; None when already so"
+    d = _at2(D, r, g)
+    if not len(d) or bool(((d[1:] >= d[:-1]) | (r[1:] != r[:-1])).all()): return None   # e.g. all distances equal
+    if D.dtype == torch.float32: return torch.sort((r << 32) | _float32_key(d), stable=True).indices
+    o = torch.sort(d, stable=True).indices
+    return _at(o, torch.sort(_at(r, o), stable=True).indices)
 
 def _within_bin(D, bins, bpos, pos, qp, qc, gal):
     "Negatives that share a bin with each true match and come before it (ties broken by gallery index)"
@@ -226,10 +239,9 @@ def _within_bin(D, bins, bpos, pos, qp, qc, gal):
     keep = _kept(q, p, _at(qc, r), _at(gal.camids, g))          # true matches and negatives
     is_pos = keep & (p == q)
     r, g, is_pos = (torch.masked_select(x, keep) for x in (r, g, is_pos))
-    o = torch.sort(_at2(D, r, g), stable=True).indices          # order by (bin, distance, gallery index)
-    r, g, is_pos = _at(r, o), _at(g, o), _at(is_pos, o)
-    o = torch.sort(_at2(bins, r, g), stable=True).indices
-    b, is_neg = _at2(bins, _at(r, o), _at(g, o)), (~_at(is_pos, o)).long()
+    o = _row_distance_order(D, r, g)                            # bins are monotone in the distance: this is also
+    if o is not None: r, g, is_pos = _at(r, o), _at(g, o), _at(is_pos, o)   # (row, bin, distance, gallery index) order
+    b, is_neg = _at2(bins, r, g), (~is_pos).long()
     before = is_neg.cumsum(0) - is_neg                          # negatives before, in that order
     new = torch.ones_like(b, dtype=torch.bool); new[1:] = b[1:] != b[:-1]
     start = torch.cummax(torch.where(new, torch.arange(len(b), device=D.device), 0), 0).values

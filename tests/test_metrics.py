@@ -122,13 +122,23 @@ def test_ties_broken_by_gallery_index_hand_made():
     assert rr.cmc.tolist() == [0, 1, 1, 1, 1, 1] and math.isclose(rr.mAP, (1/2 + 2/4) / 2) and math.isclose(rr.mINP, 2/4)
 
 def test_ties_random_against_reference():
-    for rng, (qp, gp, qc, gc) in problems(150, seed=5):
+    for k, (rng, (qp, gp, qc, gc)) in enumerate(problems(150, seed=5)):
         D = np.round(rng.random((len(qp), len(gp))) * rng.integers(1, 6)) / 4   # a few distinct values only
+        if k % 3 == 1: D = 0.5 - D            # signed distances, with -0.0 beside 0.0 (equal: a tie)
+        dtype = torch.float64 if k % 2 else torch.float32
         for ap in ('standard', 'trapezoid'):
             ref = ref_metrics(D, qp, gp, qc, gc, 10, ap)
-            res = run_ok(reid_metrics_from_dist, torch.tensor(D, dtype=torch.float32), qp, gp, qc, gc, max_rank=10, ap=ap)
+            res = run_ok(reid_metrics_from_dist, torch.tensor(D, dtype=dtype), qp, gp, qc, gc, max_rank=10, ap=ap)
             if ref[3] == 0: assert res is None; continue
             check_close(res, ref)
+
+def test_ties_in_large_rows_against_reference():
+    rng = np.random.default_rng(11)
+    qp, gp, qc, gc = rand_ids(rng, 40, 3000, 80, 4)
+    for D in (np.ones((40, 3000)), np.round(rng.random((40, 3000)) * 10) / 10 - .5, rng.integers(0, 65, (40, 3000)) / 64):
+        for dtype in (torch.float32, torch.float64):
+            check_close(reid_metrics_from_dist(torch.tensor(D, dtype=dtype), qp, gp, qc, gc, chunk_size=16),
+                        ref_metrics(D, qp, gp, qc, gc))
 
 def test_all_distances_equal():
     qp, gp = torch.tensor([1, 2]), torch.tensor([2, 1, 0, 1, 2])
