@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_rollback.ipynb #e8947b98
 from __future__ import annotations
-import os, copy, random
+import os, sys, copy, random
 from typing import Callable
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -237,6 +237,11 @@ def epoch_seed(seed:int, epoch:int):
     "A 32-bit seed that is a pure function of (`seed`, `epoch`)"
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
+def _shuffling_loaders(dl):
+    "`dl`, and the loader inside it when it is fastai's `DistributedDL` (whose indices come from the inner loader's `rng`)"
+    ddl = getattr(sys.modules.get('fastai.distributed'), 'DistributedDL', None)   # not imported: no DistributedDL exists
+    return [dl, dl.dl] if ddl is not None and isinstance(dl, ddl) else [dl]
+
 class SeedEachEpoch(Callback):
     "Seed python, numpy and torch and the training `DataLoader`'s shuffling from (`seed`, epoch) at each epoch start"
     order = SkipToEpoch.order+1
@@ -246,8 +251,8 @@ class SeedEachEpoch(Callback):
         if in_validation(self.learn): return
         s = epoch_seed(self.seed, self.epoch)
         set_seed(s)
-        dl = self.dls.train
-        if hasattr(dl, 'rng'): dl.rng = random.Random(s)
+        for dl in _shuffling_loaders(self.dls.train):
+            if hasattr(dl, 'rng'): dl.rng = random.Random(s)
 
 # %% ../nbs/05_rollback.ipynb #1f189709
 @patch

@@ -235,6 +235,29 @@ def test_seed_each_epoch(pre_fn, tmp_path):
     va,vb,vc = [torch.cat([p.flatten() for p in l.model.parameters()]) for l in (a, b, c)]
     assert torch.equal(va, vb) and not torch.equal(va, vc)
 
+class TrainBatches(Callback):
+    "Record an identifying value of each training sample, per epoch"
+    def before_fit(self): self.seen = {}
+    def after_batch(self):
+        if self.training: self.seen.setdefault(self.epoch, []).extend(self.xb[0].flatten(1)[:, 0].tolist())
+
+def test_seed_each_epoch_under_distributed_dl(pre_fn, tmp_path):
+    "Under fastai's DistributedDL (as with several GPUs) a resumed run still sees the uninterrupted run's batches"
+    try: from fastai.distributed import DistributedDL
+    except (ImportError, NameError): pytest.skip("this fastai cannot import fastai.distributed without Accelerate ('distributed' extra)")
+    class OneRankDistributedDL(DistributedDL):
+        "fastai's `DistributedDL` on one rank without a process group (its broadcast needs CUDA and NCCL)"
+        def _broadcast(self, t, rank): return list(t)
+    def seen(start_epoch):
+        learn = make_learner(pre_fn, tmp_path)
+        learn.dls.loaders[0] = OneRankDistributedDL(learn.dls.train, rank=0, world_size=1)
+        rec = TrainBatches()
+        fit(learn, 3, 0.01, cbs=[SeedEachEpoch(5), rec], start_epoch=start_epoch)
+        return rec.seen
+    full, resumed = seen(0), seen(2)
+    assert list(resumed) == [2] and resumed[2] == full[2]
+    assert sorted(full[1]) == sorted(full[2]) and full[1] != full[2]     # shuffled: the check above can fail
+
 def test_wrapped_syncbn_dataparallel(pre_fn, tmp_path):
     "BatchNorms converted to SyncBatchNorm, model in DataParallel (CPU, no process group): exact roll-back"
     wrap = lambda m: nn.DataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(m))
