@@ -184,13 +184,16 @@ def _bins(D, lo, scale):
     off = torch.arange(len(D), device=D.device, dtype=D.dtype).mul_(_nbins).add_(magic + 1)
     return t.add_(off[:, None]).view(itype).sub_(bits)
 
-def _bin_scale(D, d, n):
+def _sampled_spread(D):
+    "Per row: the smallest and largest distance of a sample of about 256 of its entries"
+    return torch.aminmax(D[:, ::max(1, D.shape[1] // 256)], dim=1)
+
+def _bin_scale(d, n, mn, mx):
     "Per row: the easiest true match's distance and the scale that spreads the true matches over the bins"
     has = n > 0
     lo = torch.where(has, d[:, 0], 0)
     span = torch.where(has, d.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1), 0) - lo
-    mn, mx = torch.aminmax(D[:, ::max(1, D.shape[1] // 256)], dim=1)   # the spread of a sample of the row, for
-    width = torch.where(span > 0, span, torch.where(mx > mn, mx - mn, 1.))  # rows with a single true match
+    width = torch.where(span > 0, span, torch.where(mx > mn, mx - mn, 1.))  # rows with a single true match: the sample's spread
     return lo, ((_nbins - 4) / width).clamp_(1e-30, 1e30)   # the hardest true match lands in bin _nbins-3, clear of the top bin
 
 # %% ../nbs/00_metrics.ipynb #3e5c9cad
@@ -228,6 +231,18 @@ def _row_distance_order(D, r, g):
     o = torch.sort(d, stable=True).indices
     return _at(o, torch.sort(_at(r, o), stable=True).indices)
 
+def _flat_rows(D, mn, mx):
+    "Indices of the rows of `D` whose distances are all equal (a collapsed model's): the sample says which may be"
+    maybe = (mn == mx).nonzero().squeeze(1)
+    if not len(maybe): return maybe
+    lo, hi = torch.aminmax(D.index_select(0, maybe), dim=1)
+    return _at(maybe, (lo == hi).nonzero().squeeze(1))
+
+def _negatives_at_lower_index(qp, pcols, pos, gal):
+    "Negatives before each true match in rows whose distances are all equal: those at a lower gallery index"
+    neg = (gal.pids != -1) & (gal.pids != qp[:, None])         # kept and of another identity
+    return torch.where(pos, neg.cumsum(1).gather(1, pcols), 0)  # a true match is no negative: `<=` is `<` here
+
 def _within_bin(D, bins, bpos, pos, qp, qc, gal):
     "Negatives that share a bin with each true match and come before it (ties broken by gallery index)"
     c, G = D.shape
@@ -255,13 +270,16 @@ def _match_ranks(D, qp, qc, j, has, gal):
     c = len(D)
     d, pcols, pos, cols, same = _sorted_matches(D, qp, qc, j, has, gal)
     n = pos.sum(1)
-    bins = _bins(D, *_bin_scale(D, d, n))
+    mn, mx = _sampled_spread(D)
+    bins = _bins(D, *_bin_scale(d, n, mn, mx))
     hist = torch.bincount(bins.view(-1), minlength=c * _nbins)
     excl = torch.cat([torch.masked_select(bins.gather(1, cols), same), bins.index_select(1, gal.junk).view(-1)]).long()
     hist.index_add_(0, excl, torch.full_like(excl, -1))        # the query's identity and junk are no negatives
     cum = hist.view(c, _nbins).cumsum(1).view(-1)
     lower, bpos = _negatives_before(bins, cum, pcols, pos)
-    within = _within_bin(D, bins, bpos, pos, qp, qc, gal)
+    flat = _flat_rows(D, mn, mx)                                # one bin holds the whole row: order by index instead
+    within = _within_bin(D, bins, bpos, pos.index_fill(0, flat, False), qp, qc, gal)
+    if len(flat): within.index_copy_(0, flat, _negatives_at_lower_index(_at(qp, flat), pcols.index_select(0, flat), pos.index_select(0, flat), gal))
     i = torch.arange(1, pos.shape[1] + 1, device=D.device)
     return torch.where(pos, i + lower + within, 0), n
 

@@ -135,10 +135,18 @@ def test_ties_random_against_reference():
 def test_ties_in_large_rows_against_reference():
     rng = np.random.default_rng(11)
     qp, gp, qc, gc = rand_ids(rng, 40, 3000, 80, 4)
-    for D in (np.ones((40, 3000)), np.round(rng.random((40, 3000)) * 10) / 10 - .5, rng.integers(0, 65, (40, 3000)) / 64):
+    mixed = np.where(rng.random((40, 1)) < .5, rng.random((40, 1)), np.round(rng.random((40, 3000)) * 10) / 10)
+    for D in (np.ones((40, 3000)), np.round(rng.random((40, 3000)) * 10) / 10 - .5, rng.integers(0, 65, (40, 3000)) / 64, mixed):
         for dtype in (torch.float32, torch.float64):
             check_close(reid_metrics_from_dist(torch.tensor(D, dtype=dtype), qp, gp, qc, gc, chunk_size=16),
                         ref_metrics(D, qp, gp, qc, gc))
+
+def test_row_equal_but_for_an_entry_the_sample_misses():
+    "A row of equal distances but for one slightly farther distractor: ranked by distance, not by gallery index"
+    D = torch.full((1, 3000), .5); D[0, 1] = .5 + 1e-6               # column 1 is not among the sampled columns
+    gp = torch.full((3000,), -1); gp[1] = 0; gp[2:6] = 7            # junk but for a distractor and 4 true matches
+    r = reid_metrics_from_dist(D, [7], gp, [0], torch.ones(3000, dtype=torch.long), max_rank=5)
+    assert r.cmc.tolist() == [1.] * 5 and r.mAP == 1. and r.mINP == 1.
 
 def test_all_distances_equal():
     qp, gp = torch.tensor([1, 2]), torch.tensor([2, 1, 0, 1, 2])
