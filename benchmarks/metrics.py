@@ -66,16 +66,21 @@ def make_feats(g, ids, n_ids, n_cams, dim, kind, sigma, latent=64, cam_w=.3, blo
         return out
     return feats(ids[0], ids[2]), feats(ids[1], ids[3])
 
-def tie_dists(g, ids, kind):
-    "Distances full of ties: random ones rounded to half precision, or all equal (a collapsed model's)"
+MARKET_KINDS = ('trained-like', 'random', 'ties: half precision', 'ties: all equal')
+
+def market_dists(g, ids, kind):
+    "Market-size distances of `kind`: from trained-like or random features, those rounded to half precision, or all equal (a collapsed model's)"
     if kind == 'ties: all equal': return torch.ones(len(ids[0]), len(ids[1]))
-    return reid_dist(*make_feats(g, ids, kind='random', **MARKET)).half().float()
+    if kind == 'ties: half precision': return market_dists(g, ids, 'random').half().float()
+    return reid_dist(*make_feats(g, ids, kind=kind, **MARKET))
 
 # ---------------------------------------------------------------- timing helpers
-def median_time(f, n):
+def median_time(f, n, device=torch.device('cpu')):
+    "Median seconds of `f()` over `n` calls (a GPU `device` synchronised around each call), and the last result"
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     ts = []
     for _ in range(n):
-        t = time.perf_counter(); r = f(); ts.append(time.perf_counter() - t)
+        sync(); t = time.perf_counter(); r = f(); sync(); ts.append(time.perf_counter() - t)
     return float(np.median(ts)), r
 
 def baseline_time(D, ids, idx):
@@ -98,8 +103,8 @@ def market(quick, out):
     g = torch.Generator().manual_seed(0)
     ids = make_ids(g, **MARKET)
     reps = 3 if quick else 5
-    for kind in ('trained-like', 'random', 'ties: half precision', 'ties: all equal'):
-        D = tie_dists(g, ids, kind) if kind.startswith('ties') else reid_dist(*make_feats(g, ids, kind=kind, **MARKET))
+    for kind in MARKET_KINDS:
+        D = market_dists(g, ids, kind)
         reid_metrics_from_dist(D, *ids)                                      # warm-up
         t_lib, res = median_time(lambda: reid_metrics_from_dist(D, *ids), reps)
         n_thr = torch.get_num_threads(); torch.set_num_threads(1)     # the same on one thread: robust to a busy machine
@@ -119,14 +124,6 @@ def market(quick, out):
         del D
 
 # ---------------------------------------------------------------- on a GPU
-def sync_time(f, n, device):
-    "Median seconds of `f()` over `n` calls, the device synchronised around each call"
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    ts = []
-    for _ in range(n):
-        sync(); t = time.perf_counter(); r = f(); sync(); ts.append(time.perf_counter() - t)
-    return float(np.median(ts)), r
-
 def same_result(a, b, tol=1e-9):
     "Two `ReIDResult`s agree (CMC, mAP and mINP)"
     return bool(torch.allclose(a.cmc, b.cmc, atol=tol) and abs(a.mAP - b.mAP) < tol and abs(a.mINP - b.mINP) < tol)
@@ -137,12 +134,12 @@ def market_device(device, quick, out):
     ids = make_ids(g, **MARKET)
     dids = [x.to(device) for x in ids]
     reps = 5 if quick else 20
-    for kind in ('trained-like', 'random', 'ties: half precision', 'ties: all equal'):
-        D = tie_dists(g, ids, kind) if kind.startswith('ties') else reid_dist(*make_feats(g, ids, kind=kind, **MARKET))
+    for kind in MARKET_KINDS:
+        D = market_dists(g, ids, kind)
         Dd = D.to(device)
         for _ in range(3): reid_metrics_from_dist(Dd, *dids)                       # warm-up (kernels, allocator)
-        t_lib, res = sync_time(lambda: reid_metrics_from_dist(Dd, *dids), reps, device)
-        t_sort, _ = sync_time(lambda: torch.sort(Dd, dim=1), reps, device)
+        t_lib, res = median_time(lambda: reid_metrics_from_dist(Dd, *dids), reps, device)
+        t_sort, _ = median_time(lambda: torch.sort(Dd, dim=1), reps, device)
         idx = np.sort(np.random.default_rng(0).choice(len(D), 300, replace=False))
         t_b, base = baseline_time(D, ids, idx)
         t_base = t_b * len(D) / len(idx)
@@ -163,7 +160,7 @@ def msmt_device(device, quick, out):
     qd, gd, dids = qf.to(device), gf.to(device), [x.to(device) for x in ids]
     reid_metrics(qd[:64], gd, dids[0][:64], dids[1], dids[2][:64], dids[3])        # warm-up
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
-    t_lib, res = sync_time(lambda: reid_metrics(qd, gd, *dids), 1 if quick else 3, device)
+    t_lib, res = median_time(lambda: reid_metrics(qd, gd, *dids), 1 if quick else 3, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else float('nan')
     s = slice(0, 256)                                                                 # the CPU on the first 256 queries
     cpu = reid_metrics(qf[s], gf, ids[0][s], ids[1], ids[2][s], ids[3])
