@@ -238,8 +238,9 @@ def _flat_rows(D, mn, mx):
     lo, hi = torch.aminmax(D.index_select(0, maybe), dim=1)
     return _at(maybe, (lo == hi).nonzero().squeeze(1))
 
-def _negatives_at_lower_index(qp, pcols, pos, gal):
-    "Negatives before each true match in rows whose distances are all equal: those at a lower gallery index"
+def _negatives_at_lower_index(rows, qp, pcols, pos, gal):
+    "Negatives before each true match of the `rows` whose distances are all equal: those at a lower gallery index"
+    qp, pcols, pos = _at(qp, rows), pcols.index_select(0, rows), pos.index_select(0, rows)
     neg = (gal.pids != -1) & (gal.pids != qp[:, None])         # kept and of another identity
     return torch.where(pos, neg.cumsum(1).gather(1, pcols), 0)  # a true match is no negative: `<=` is `<` here
 
@@ -279,7 +280,7 @@ def _match_ranks(D, qp, qc, j, has, gal):
     lower, bpos = _negatives_before(bins, cum, pcols, pos)
     flat = _flat_rows(D, mn, mx)                                # one bin holds the whole row: order by index instead
     within = _within_bin(D, bins, bpos, pos.index_fill(0, flat, False), qp, qc, gal)
-    if len(flat): within.index_copy_(0, flat, _negatives_at_lower_index(_at(qp, flat), pcols.index_select(0, flat), pos.index_select(0, flat), gal))
+    if len(flat): within.index_copy_(0, flat, _negatives_at_lower_index(flat, qp, pcols, pos, gal))
     i = torch.arange(1, pos.shape[1] + 1, device=D.device)
     return torch.where(pos, i + lower + within, 0), n
 
