@@ -3,11 +3,16 @@
 `python .ci/readme.py` writes README.md; `python .ci/readme.py --check` fails when README.md is stale.
 Markdown cells are copied; code cells are shown as Python blocks with their text outputs, except
 cells marked `#| hide`; `#|` directive lines are dropped. Images the notebook links as `images/x.png`
-(next to the notebook) are linked as `nbs/images/x.png` (next to the README)."""
-import json, sys
+(next to the notebook) are linked as `nbs/images/x.png` (next to the README).
+
+Figures are never typed by hand: a placeholder `{{name.key.key[0]:fmt}}` in a markdown cell is replaced by
+the value at that path in `benchmarks/results/name.json`, formatted with the optional format spec
+(`{{metrics.market.library_s:.2f}}`). A missing file or key stops the generator with its name."""
+import json, re, sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
+results_dir = root/'benchmarks'/'results'
 
 def _src(cell): return ''.join(cell['source'])
 
@@ -28,13 +33,29 @@ def _code_md(src, outputs):
         elif text.strip(): parts.append('```\n' + text.rstrip() + '\n```')
     return '\n\n'.join(parts)
 
+_placeholder = re.compile(r'\{\{\s*([\w-]+)((?:\.[\w-]+|\[-?\d+\])*)\s*(?::([^}]*))?\}\}')
+
+def result_value(name:str, path:str=''):
+    "The value at `path` (`.key` and `[i]` steps) in `benchmarks/results/{name}.json`"
+    fn = results_dir/f'{name}.json'
+    if not fn.is_file(): raise SystemExit(f'{fn} does not exist: run the benchmark that writes it')
+    v = json.loads(fn.read_text())
+    for key,idx in re.findall(r'\.([\w-]+)|\[(-?\d+)\]', path):
+        try: v = v[key] if key else v[int(idx)]
+        except (KeyError, IndexError, TypeError): raise SystemExit(f'{fn} has no {name}{path}') from None
+    return v
+
+def fill_results(text:str) -> str:
+    "`text` with every `{{name.path:fmt}}` placeholder replaced by the benchmark result it names"
+    return _placeholder.sub(lambda m: format(result_value(m[1], m[2]), m[3] or ''), text)
+
 def readme_text(nb_path=root/'nbs'/'index.ipynb'):
     "The README's markdown, made from the index notebook."
     nb = json.loads(Path(nb_path).read_text())
     blocks = []
     for cell in nb['cells']:
         src = _src(cell)
-        if cell['cell_type'] == 'markdown': blocks.append(src.strip().replace('](images/', '](nbs/images/'))
+        if cell['cell_type'] == 'markdown': blocks.append(fill_results(src.strip()).replace('](images/', '](nbs/images/'))
         elif cell['cell_type'] == 'code' and not _is_hidden(src): blocks.append(_code_md(src, cell.get('outputs', [])))
     note = '<!-- Generated from nbs/index.ipynb by .ci/readme.py: edit the notebook, not this file. -->'
     return note + '\n\n' + '\n\n'.join(b for b in blocks if b) + '\n'
