@@ -34,7 +34,7 @@ pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex reque
 scikit-build-core scikit-image scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham
 simplejson six sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
 tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm
-transformers treescope triton typer typing-extensions typing-inspect tzdata urllib3 uvloop wadler-lindig werkzeug wheel
+transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel
 wrapt xarray xxhash yarl zipp"
 
 quiet() { "$@" 2>&1 | { grep -v -e 'is ignored: it is neither' || true; }; return "${PIPESTATUS[0]}"; }
