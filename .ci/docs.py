@@ -115,6 +115,7 @@ def shown_cells(nb):
             continue
         d, c.source = _directives(c.source)
         if d.get('include') == 'false' or 'hide' in d: continue
+        if c.cell_type == 'markdown' and re.fullmatch(r'\s*(<!--.*?-->\s*)*', c.source, re.S): continue   # nbdev's "do not edit" comment
         if c.cell_type == 'code':
             if d.get('output') == 'false': c.outputs = []
             if not c.source.strip() and not c.outputs: continue
