@@ -4,6 +4,7 @@ from .synthetic import *
 from .data import *
 from .model import *
 from .learner import *
+from .distributed import *
 from .rollback import *
 from .experiment import *
 from .cli import *

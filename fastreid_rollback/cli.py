@@ -7,9 +7,11 @@ from __future__ import annotations
 import sys, json, inspect
 from pathlib import Path
 from fastcore.script import anno_parser, store_true
+from fastai.torch_core import rank_distrib
 from .synthetic import synthetic_reid
 from .data import market1501, dukemtmc_reid, msmt17, cuhk03_np, reid_dls
 from .learner import reid_learner
+from .distributed import on_rank0_first
 from .experiment import (imagenet_weights_available, pretrain_backbone, compare_rollback, train_reid,
                                           save_report, save_checkpoint, read_checkpoint)
 
@@ -73,7 +75,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
           arch:str='resnet50', # torchvision ResNet/ResNeXt/Wide-ResNet name
           periods:int=4, # periods of the rolling-back schedule
           epochs_per_period:int=40, # epochs in each period
-          bs:int=32, # batch size
+          bs:int=32, # batch size (per process when launched on several)
           size:int=(288, 144), # input height and width (two numbers)
           lr:float=0.01, # base learning rate
           out:str='runs', # folder for checkpoints, results and plots
@@ -86,12 +88,13 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
           seed:int=0, # seed of the initialisation and of every epoch
          ):
     "Train on a dataset with the rolling-back schedule (or the baseline) and evaluate on its query/gallery"
-    df = read_dataset(data, dataset)
+    df = on_rank0_first(read_dataset, data, dataset)  # several processes: the first one generates the embedded dataset
     dls = reid_dls(df, size=tuple(size), bs=bs, num_workers=workers, seed=seed)
     n_periods, epp = (1, periods*epochs_per_period) if baseline else (periods, epochs_per_period)
     run = train_reid(dls, arch=arch, pretrained=_pretrained(pretrained), n_periods=n_periods, epochs_per_period=epp,
                      lr=lr, out=out, checkpoint_every=checkpoint_every, resume=resume, fp16=fp16, seed=seed,
                      name='baseline' if baseline else 'rollback')
+    if rank_distrib(): return None  # several processes: the first one writes the model and the report
     config = dict(data=str(data), dataset=dataset, arch=arch, periods=periods, epochs_per_period=epochs_per_period, bs=bs,
                   size=list(size), lr=lr, baseline=baseline, pretrained=pretrained, seed=seed)
     save_checkpoint(run.learn, Path(out)/'model.pth', with_opt=False, **config, n_ids=dls.n_ids, epoch=n_periods*epp-1)

@@ -4,13 +4,13 @@
 
 # %% ../nbs/06_experiment.ipynb #b9f65b3e
 from __future__ import annotations
-import json, time, contextlib
+import json, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from fastcore.foundation import L
 from torchvision.models import get_model_weights
 from fastcore.basics import store_attr
-from fastai.torch_core import set_seed, num_distrib, rank_distrib
+from fastai.torch_core import set_seed, rank_distrib, default_device
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .metrics import ReIDResult, plot_cmc
@@ -19,11 +19,12 @@ from .data import market1501, reid_dls
 from .model import unwrap_model, save_backbone, weights_cache_file, atomic_save
 from .learner import reid_learner, ReIDEvalCallback
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
+from .distributed import ddp_ctx  # `Learner.ddp_ctx`
 
 # %% auto #0
 __all__ = ['source_domain', 'imagenet_weights_available', 'pretrain_backbone', 'save_checkpoint', 'read_checkpoint',
-           'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'distributed', 'train_reid', 'compare_rollback',
-           'results_table', 'plot_losses', 'save_report']
+           'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid', 'compare_rollback', 'results_table',
+           'plot_losses', 'save_report']
 
 # %% ../nbs/06_experiment.ipynb #87c74842
 def imagenet_weights_available(arch:str='resnet50', # torchvision architecture name
@@ -85,6 +86,7 @@ def load_checkpoint(learn:Learner, # the learner to load into (built as the save
     unwrap_model(learn.model).load_state_dict(state['model'])
     if with_opt and state['opt'] is not None:
         if learn.opt is None: learn.create_opt()
+        learn.model.to(getattr(learn.dls, 'device', None) or default_device())  # the optimizer state goes where `fit` puts the weights
         learn.opt.load_state_dict(state['opt'])
     return state['meta']
 
@@ -128,14 +130,6 @@ class ReIDRun:
     def __repr__(self): return f"ReIDRun({self.name!r}, {self.result!r}, train_time={self.train_time:.1f}s)"
 
 # %% ../nbs/06_experiment.ipynb #f0ce30ef
-def distributed(learn:Learner):
-    "fastai's `distrib_ctx` (DDP through Accelerate) when launched on several processes, else a no-op context"
-    if num_distrib() <= 1: return contextlib.nullcontext()
-    try: import accelerate, fastai.distributed
-    except ImportError as e: raise ValueError(
-        f"{num_distrib()} processes were launched but Accelerate is missing ({e}): pip install 'fastreid-rollback[distributed]'") from None
-    return learn.distrib_ctx()  # fastai's DistributedDL needs CUDA: several processes means several GPUs
-
 def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                arch:str='resnet50', # torchvision architecture name
                pretrained=True, # True (ImageNet, local cache only), False, or a local backbone file
@@ -148,7 +142,7 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                resume:bool=False, # continue from `out/checkpoints/last.pth`
                fp16:bool=False, # mixed precision (`learn.to_fp16()`)
                seed:int=0, # seed of the initialisation and of every epoch's randomness
-               eval_every:int=None, # ReID metrics in the progress table every this many epochs (default: each period end; not under DDP)
+               eval_every:int=None, # ReID metrics in the progress table every this many epochs (default: each period end)
                **learner_kwargs, # passed to `reid_learner`
               ) -> ReIDRun:
     "Train a `reid_learner` with the rolling-back schedule (or the baseline, `n_periods=1`) and evaluate it"
@@ -156,16 +150,15 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
     learn = reid_learner(dls, arch=arch, pretrained=pretrained, **learner_kwargs)
     if fp16: learn.to_fp16()
     rollback, grads = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period), BlockGradStats()
-    cbs = [rollback, grads, SeedEachEpoch(seed)]
-    # under DDP the query/gallery loaders are sharded during the fit: evaluate after it only
-    if num_distrib() <= 1: cbs.append(ReIDEvalCallback(every=eval_every or epochs_per_period))
+    cbs = [rollback, grads, SeedEachEpoch(seed), ReIDEvalCallback(every=eval_every or epochs_per_period)]
     start = 0
-    if out is not None:
-        ckpt = Path(out)/'checkpoints'
-        cbs.append(CheckpointCallback(ckpt, every=checkpoint_every, arch=arch, n_ids=dls.n_ids, n_periods=n_periods))
-        if resume and (ckpt/'last.pth').is_file(): start = load_checkpoint(learn, ckpt/'last.pth')['epoch'] + 1
-    t0 = time.perf_counter()
-    with distributed(learn): learn.fit(n_periods*epochs_per_period, lr, cbs=cbs, start_epoch=start)
+    with learn.ddp_ctx():  # launched on several processes: data-parallel, model and data on this process's device from here
+        if out is not None:
+            ckpt = Path(out)/'checkpoints'
+            cbs.append(CheckpointCallback(ckpt, every=checkpoint_every, arch=arch, n_ids=dls.n_ids, n_periods=n_periods))
+            if resume and (ckpt/'last.pth').is_file(): start = load_checkpoint(learn, ckpt/'last.pth')['epoch'] + 1
+        t0 = time.perf_counter()
+        learn.fit(n_periods*epochs_per_period, lr, cbs=cbs, start_epoch=start)
     train_time = time.perf_counter() - t0
     name = name or ('baseline' if n_periods == 1 else f'rollback x{n_periods}')
     return ReIDRun(name, learn, learn.reid_evaluate(), train_time, rollback, grads)

@@ -233,14 +233,16 @@ def plot_group_lrs(self:Recorder, ax=None):
     return plot_group_lrs(self.group_lrs, getattr(self, 'rollback_events', None), ax=ax)
 
 # %% ../nbs/05_rollback.ipynb #97e03b14
+from fastai.data.load import DataLoader
+
 def epoch_seed(seed:int, epoch:int):
     "A 32-bit seed that is a pure function of (`seed`, `epoch`)"
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 def _shuffling_loaders(dl):
-    "`dl`, and the loader inside it when it is fastai's `DistributedDL` (whose indices come from the inner loader's `rng`)"
-    ddl = getattr(sys.modules.get('fastai.distributed'), 'DistributedDL', None)   # not imported: no DistributedDL exists
-    return [dl, dl.dl] if ddl is not None and isinstance(dl, ddl) else [dl]
+    "`dl`, and the loader it wraps when its indices come from there (`ShardedDL` under `ddp_ctx`, fastai's `DistributedDL`)"
+    inner = getattr(dl, 'dl', None)
+    return [dl, inner] if isinstance(inner, DataLoader) else [dl]
 
 class SeedEachEpoch(Callback):
     "Seed python, numpy and torch and the training `DataLoader`'s shuffling from (`seed`, epoch) at each epoch start"
