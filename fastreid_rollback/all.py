@@ -6,4 +6,5 @@ from .model import *
 from .learner import *
 from .rollback import *
 from .experiment import *
+from .inference import *
 from .cli import *
