@@ -140,7 +140,7 @@ def export_reid(self:Learner, fname='model.reid', # file to write (atomically), 
     "Save what `load_reid` needs to compute this Learner's retrieval features in another process, with no data"
     fname = Path(self.path)/fname
     if rank_distrib(): return fname  # under DDP only the first process writes
-    dl = getattr(self.dls, 'query', None) or self.dls.valid  # the test-time pipeline `reid_features` sees
+    dl = ifnone(getattr(self.dls, 'query', None), self.dls.valid)  # the test-time pipeline `reid_features` sees
     return save_reid(self.model, fname, list(dl.after_item.fs) + list(dl.after_batch.fs), flip=flip, normalize=normalize)
 
 # %% ../nbs/09_inference.ipynb #7f9d8931
