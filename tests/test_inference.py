@@ -130,3 +130,31 @@ def test_errors(learn, df, model_file, tmp_path):
     state['head.classifier.weight'] = state['head.classifier.weight'] + 1
     save_file(state, tmp_path/'damaged.reid', metadata=meta)
     with pytest.raises(ValueError, match='damaged'): load_reid(tmp_path/'damaged.reid')
+
+def test_bnneck_neck_feature_round_trip(tmp_path):
+    "A BNNeck model whose feature is the neck output (wrapped in DataParallel) loads with the same features"
+    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.inference import save_reid, ReIDFeatures
+    torch.manual_seed(0)
+    m = ReIDModel('resnet18', n_ids=5, neck='bnneck', neck_feat=True).eval()
+    predictor = load_reid(save_reid(torch.nn.DataParallel(m), tmp_path/'m.reid', size=(64, 32), flip=False, normalize=False))
+    assert predictor.config['head'] == {'neck': 'bnneck'} and predictor.config['feature'] == {'output': 'neck', 'flip': False, 'normalize': False}
+    x = torch.randint(0, 256, (4, 3, 64, 32), dtype=torch.uint8)
+    with torch.no_grad(): want = ReIDFeatures(m, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], flip=False, normalize=False)(x)
+    torch.testing.assert_close(predictor.batch(x), want, atol=1e-5, rtol=0)
+
+def test_gallery_sources(model_file, df, tmp_path):
+    "A folder, a list of files and a reader DataFrame index the same images; ids are kept only from the DataFrame"
+    predictor = load_reid(model_file)
+    g = df[df.split == 'gallery']
+    folder = g.path.iloc[0].parent
+    by_df,by_folder,by_list = ReIDIndex.build(predictor, df),ReIDIndex.build(predictor, folder),ReIDIndex.build(predictor, list(g.path))
+    assert sorted(by_df.paths) == by_folder.paths and by_list.paths == by_df.paths
+    torch.testing.assert_close(by_folder.feats[[by_folder.paths.index(p) for p in by_df.paths]], by_df.feats)
+    assert by_df.pids.tolist() == g.pid.tolist() and by_folder.pids is None
+    assert by_folder.search(g.path.iloc[:1], k=2).pid.isna().all()
+    (tmp_path/'empty').mkdir()
+    with pytest.raises(ValueError, match='no image file'): ReIDIndex.build(predictor, tmp_path/'empty')
+    with pytest.raises(FileNotFoundError, match='nowhere'): ReIDIndex.build(predictor, tmp_path/'nowhere')
+    with pytest.raises(ValueError, match="split 'test'"): ReIDIndex.build(predictor, df, split='test')
+    with pytest.raises(ValueError, match='k=0'): by_df.search(g.path.iloc[:1], k=0)
