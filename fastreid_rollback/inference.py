@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_inference.ipynb #9c368bcc
 from __future__ import annotations
-import copy, hashlib, json, math, os, tempfile
+import copy, hashlib, json, os, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import Tensor
@@ -63,14 +63,15 @@ def _read_tensors(path, kind:str):
     "The tensors and metadata of a safetensors file of `kind`, or an error naming `path` and what is wrong"
     path,(fmt,writer) = Path(path),_formats[kind]
     if not path.is_file(): raise FileNotFoundError(f"{kind} file {str(path)!r}: no such file")
-    try:
-        with safe_open(path, 'pt') as f: meta,tensors = f.metadata() or {},{k:f.get_tensor(k) for k in f.keys()}
+    try: f = safe_open(path, 'pt')
     except Exception as e: raise ValueError(f"{kind} file {str(path)!r} cannot be read ({e}): expected a file written by {writer}") from None
-    if meta.get('format') != fmt: raise ValueError(f"{str(path)!r} is not a fastreid_rollback {kind} file written by {writer} (its format is {meta.get('format')!r})")
-    if meta.get('format_version') != str(_format_version): raise ValueError(
-        f"{kind} file {str(path)!r} has format version {meta.get('format_version')}, written by fastreid_rollback "
-        f"{meta.get('library_version')}; this fastreid_rollback {__version__} reads version {_format_version}: write it again with this version")
-    return tensors,meta
+    with f:
+        meta = f.metadata() or {}
+        if meta.get('format') != fmt: raise ValueError(f"{str(path)!r} is not a fastreid_rollback {kind} file written by {writer} (its format is {meta.get('format')!r})")
+        if meta.get('format_version') != str(_format_version): raise ValueError(
+            f"{kind} file {str(path)!r} has format version {meta.get('format_version')}, written by fastreid_rollback "
+            f"{meta.get('library_version')}; this fastreid_rollback {__version__} reads version {_format_version}: write it again with this version")
+        return {k:f.get_tensor(k) for k in f.keys()},meta
 
 # %% ../nbs/09_inference.ipynb #3ab36970
 def _arch_of(backbone_state:dict) -> str:
