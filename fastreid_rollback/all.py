@@ -7,4 +7,5 @@ from .learner import *
 from .distributed import *
 from .rollback import *
 from .experiment import *
+from .inference import *
 from .cli import *

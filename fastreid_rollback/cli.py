@@ -16,7 +16,8 @@ from .experiment import (imagenet_weights_available, pretrain_backbone, compare_
                                           save_report, save_checkpoint, read_checkpoint)
 
 # %% auto #0
-__all__ = ['demo_settings', 'readers', 'commands', 'demo', 'read_dataset', 'train', 'evaluate', 'main']
+__all__ = ['demo_settings', 'readers', 'commands', 'demo', 'read_dataset', 'train', 'evaluate', 'export_model', 'index_images',
+           'search_index', 'main']
 
 # %% ../nbs/10_cli.ipynb #39f5a97a
 demo_settings = {
@@ -122,14 +123,63 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
         (Path(out)/'eval.json').write_text(json.dumps({'model': str(model), 'dataset': dataset, **res.as_dict()}, indent=2))
     return res
 
+# %% ../nbs/10_cli.ipynb #b7e3d415
+from .inference import checkpoint_to_reid, load_reid, ReIDIndex
+
+def _required(value, flag, what):
+    "Raise a `ValueError` naming `flag` when `value` is missing"
+    if value is None or value == []: raise ValueError(f"{flag} is required: {what}")
+
+def export_model(checkpoint:str=None, # a model file written by `train` (out/model.pth) or a checkpoint (out/checkpoints/*.pth)
+                 out:str='model.reid', # the model file to write
+                 size:int=None, # input height and width (two numbers; default: the checkpoint's)
+                ):
+    "Export a trained model to one file (weights and preprocessing) for `index`, `search` and `load_reid`"
+    _required(checkpoint, '--checkpoint', 'a model file written by train (out/model.pth) or a checkpoint')
+    path = checkpoint_to_reid(checkpoint, out, size=None if size is None else tuple(size))
+    print(f"Wrote {path}")
+    return path
+
+def index_images(model:str=None, # a model file written by `export`
+                 images:str=None, # a folder of gallery images (searched recursively)
+                 out:str='gallery.idx', # the index file to write
+                 bs:int=64, # batch size of the feature extraction
+                 workers:int=0, # processes reading the images
+                 faiss:store_true=False, # search with FAISS (pip install 'fastreid-rollback[faiss]')
+                ):
+    "Compute the features of a folder of gallery images and save them as an index for `search`"
+    _required(model, '--model', 'a model file written by export')
+    _required(images, '--images', 'a folder of gallery images')
+    index = ReIDIndex.build(load_reid(model), images, bs=bs, num_workers=workers, backend='faiss' if faiss else 'exact')
+    print(f"Indexed {len(index)} images of {images} in {index.save(out)}")
+    return index
+
+def search_index(index:str=None, # an index file written by `index`
+                 query:str=None, # query image file(s)
+                 k:int=10, # gallery images per query
+                 model:str=None, # the model file (default: the one the index was built with)
+                 show:str=None, # also draw each query beside its nearest gallery images to this image file
+                ):
+    "The `k` gallery images nearest to each query image, as a table (and a picture with `--show`)"
+    _required(index, '--index', 'an index file written by index')
+    _required(query, '--query', 'one or more query image files')
+    idx = ReIDIndex.load(index, model=model)
+    res = idx.search(query, k=k)
+    print(res.to_string(index=False))
+    if show is not None:
+        idx.show(query, k=k).savefig(show, dpi=100, bbox_inches='tight')
+        print(f"Drew the ranked images to {show}")
+    return res
+
 # %% ../nbs/10_cli.ipynb #a800d1ee
-commands = {'demo': demo, 'train': train, 'eval': evaluate}
+commands = {'demo': demo, 'train': train, 'eval': evaluate, 'export': export_model, 'index': index_images, 'search': search_index}
 
 def _parser(cmd):
     "argparse parser of sub-command `cmd`, from its function's signature and comments"
     p = anno_parser(commands[cmd], prog=f'fastreid-rollback {cmd}')
     for a in p._actions:
         if a.dest == 'size': a.nargs = 2
+        if a.dest == 'query': a.nargs = '+'
     return p
 
 def _spell_flags(argv, parser):

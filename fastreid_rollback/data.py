@@ -168,6 +168,15 @@ def IdentitySplitter(
     return _inner
 
 # %% ../nbs/02_data.ipynb #b4b6f9a5
+from fasttransform import Transform
+from fastai.data.block import TransformBlock
+from fastai.data.transforms import IntToFloatTensor
+
+class _OpenImage(Transform):
+    "Open an image file as `img_cls`: fastai's `ImageBlock` wraps a bare function, which `learn.export()` cannot pickle with fasttransform 0.0.2"
+    def __init__(self, img_cls=ReIDImage): super().__init__(); self.img_cls = img_cls
+    def encodes(self, fn): return self.img_cls.create(fn)
+
 class ReIDDataBlock(DataBlock):
     "A `DataBlock` of ReID images (column `path`) labelled by identity (column `pid`)"
     def __init__(self,
@@ -180,7 +189,7 @@ class ReIDDataBlock(DataBlock):
         batch_tfms=None, # Batch transforms replacing `reid_batch_tfms(erasing)`
         img_cls=ReIDImage, # Image class
     ):
-        super().__init__(blocks=(ImageBlock(img_cls), CategoryBlock(vocab=vocab)), get_x=ColReader('path'), get_y=ColReader('pid'),
+        super().__init__(blocks=(TransformBlock(type_tfms=_OpenImage(img_cls), batch_tfms=IntToFloatTensor), CategoryBlock(vocab=vocab)), get_x=ColReader('path'), get_y=ColReader('pid'),
                          splitter=ifnone(splitter, IdentitySplitter(0.)), item_tfms=ifnone(item_tfms, reid_item_tfms(size, flip)),
                          batch_tfms=ifnone(batch_tfms, reid_batch_tfms(erasing)))
 

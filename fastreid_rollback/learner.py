@@ -210,8 +210,8 @@ class ReIDEvalCallback(Callback):
 
 # %% ../nbs/04_learner.ipynb #6f64f7b7
 def _show_img(ax, fn, title, colour=None):
-    "Show image file `fn` on `ax` with `title` and a `colour` border"
-    ax.imshow(Image.open(fn), interpolation='nearest'); ax.set_title(title, fontsize=8)
+    "Show image file (or PIL image) `fn` on `ax` with `title` and a `colour` border"
+    ax.imshow(fn if isinstance(fn, Image.Image) else Image.open(fn), interpolation='nearest'); ax.set_title(title, fontsize=8)
     ax.set_xticks([]); ax.set_yticks([])
     for s in ax.spines.values(): s.set_visible(colour is not None); s.set_color(colour or 'k'); s.set_linewidth(4)
 

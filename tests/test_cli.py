@@ -87,3 +87,66 @@ def test_errors(tmp_path, args, expected):
 def test_unknown_command():
     p = cli('fly')
     assert p.returncode == 2 and 'usage: fastreid-rollback' in p.stderr
+
+@pytest.fixture(scope='module')
+def reid_files(tmp_path_factory):
+    "A checkpoint as `train` writes it (resnet18, untrained), and a small embedded dataset"
+    from fastreid_rollback.synthetic import synthetic_reid
+    from fastreid_rollback.data import market1501, reid_dls
+    from fastreid_rollback.learner import reid_learner
+    from fastreid_rollback.experiment import save_checkpoint
+    d = tmp_path_factory.mktemp('reid')
+    data = synthetic_reid(d, n_ids=8, n_cams=2, imgs_per_id_cam=2, size=(64, 32), n_distractors=2, n_junk=1)
+    torch.manual_seed(0)
+    learn = reid_learner(reid_dls(market1501(data), size=(64, 32), bs=8), 'resnet18', pretrained=False)
+    return save_checkpoint(learn, d/'model.pth', with_opt=False, arch='resnet18', size=[64, 32]), data
+
+def test_export_index_search(tmp_path, reid_files):
+    "export -> index -> search on the command line gives the table and picture the Python API gives"
+    from fastreid_rollback.inference import ReIDIndex
+    ckpt, data = reid_files
+    p = cli('export', '--checkpoint', ckpt, '--out', tmp_path/'model.reid')
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = cli('index', '--model', tmp_path/'model.reid', '--images', data/'bounding_box_test', '--out', tmp_path/'gallery.idx')
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'Indexed 11 images' in p.stdout
+    queries = sorted((data/'query').iterdir())[:2]
+    p = cli('search', '--index', tmp_path/'gallery.idx', '--query', *queries, '--k', 3, '--show', tmp_path/'ranked.png')
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path/'ranked.png').stat().st_size > 0
+    want = ReIDIndex.load(tmp_path/'gallery.idx').search(queries, k=3)
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ['query', 'rank', 'path', 'distance', 'pid', 'camid']
+    assert [l.split()[2] for l in lines[1:7]] == list(want.path)
+
+@pytest.fixture(scope='module')
+def inference_files(reid_files, tmp_path_factory):
+    "A model file and a gallery index made from `reid_files`, a model file of another model, and broken files"
+    from fastreid_rollback.inference import checkpoint_to_reid, load_reid, save_reid, ReIDIndex
+    from fastreid_rollback.model import ReIDModel
+    ckpt, data = reid_files
+    d = tmp_path_factory.mktemp('inference')
+    model = checkpoint_to_reid(ckpt, d/'model.reid')
+    ReIDIndex.build(load_reid(model), data/'bounding_box_test').save(d/'gallery.idx')
+    save_reid(ReIDModel('resnet18', n_ids=4), d/'other.reid', size=(64, 32))
+    (d/'garbage.bin').write_bytes(b'garbage' * 10)
+    (d/'bad.jpg').write_text('not an image')
+    return dict(garbage=d/'garbage.bin', data=data, model=model, index=d/'gallery.idx', bad=d/'bad.jpg',
+                query=next((data/'query').iterdir()), other=d/'other.reid')
+
+@pytest.mark.parametrize('args,expected', [
+    (['export', '--checkpoint', '/nonexistent/model.pth'], '/nonexistent/model.pth'),
+    (['export', '--checkpoint', '{garbage}'], 'garbage.bin'),
+    (['index', '--model', '{garbage}', '--images', '{data}'], 'garbage.bin'),
+    (['index', '--model', '{model}', '--images', '/nonexistent/gallery'], '/nonexistent/gallery'),
+    (['search', '--index', '{index}', '--query', '{bad}'], 'bad.jpg'),
+    (['search', '--index', '{index}', '--query', '{query}', '--model', '{other}'], 'built with another model'),
+    (['search', '--index', '{index}'], '--query'),
+])
+def test_inference_errors(inference_files, args, expected):
+    "Mistakes with export, index and search end with one line on stderr naming the file or flag, and exit status 2"
+    p = cli(*[a.format(**inference_files) for a in args])
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert lines[0].startswith('fastreid-rollback ') and expected in lines[0], lines[0]
