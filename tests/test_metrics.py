@@ -1,5 +1,6 @@
 "Tests of fastreid_rollback.metrics against an independent per-query reference, and its failure cases"
 import json, math, re
+from functools import partial
 import numpy as np
 import pytest
 import torch
@@ -180,6 +181,22 @@ def test_chunk_size_does_not_change_the_result(protocol):
     D = reid_dist(qf, gf)
     for cs in (None, 1, 13, 150):
         same_result(base, reid_metrics_from_dist(D, *ids, protocol=protocol, chunk_size=cs))
+
+def test_threads_do_not_change_the_result():
+    "On CPU the chunks are spread over torch's threads, each chunk on one: the numbers of one thread, the setting restored"
+    qf, gf, *ids = trained_like(19, nq=300)
+    D = reid_dist(qf, gf)
+    D[::7, ::3] = D[::7, ::3].half().float()                     # ties in some rows
+    runs = lambda: [f(*ids, protocol=p, chunk_size=cs) for p in ('market1501', 'cuhk03')
+                    for f, cs in ((partial(reid_metrics_from_dist, D), 16), (partial(reid_metrics, qf, gf), 64))]
+    base = runs()
+    bad = D.clone(); bad[250, 3] = math.nan                      # in a late chunk
+    torch.set_num_threads(2)
+    try:
+        for a, b in zip(base, runs()): same_result(a, b)
+        test_fail(lambda: reid_metrics_from_dist(bad, *ids, chunk_size=16), contains='distmat')
+        assert torch.get_num_threads() == 2
+    finally: torch.set_num_threads(1)
 
 @pytest.mark.parametrize('dist', ['cosine', 'euclidean'])
 def test_from_features_equals_from_dist(dist):
