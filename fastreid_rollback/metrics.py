@@ -33,10 +33,14 @@ def _check_int(value, name, lo=None):
 
 def _as_tensor(x, name):
     "`x` (tensor, numpy array or list) as a tensor"
-    if isinstance(x, Tensor): return x
-    try: return torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a tensor, a numpy array or a list of numbers, got {type(x).__name__}") from None
+    if isinstance(x, Tensor): t = x
+    else:
+        try: t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a tensor, a numpy array or a list of numbers, got {type(x).__name__}") from None
+    if t.is_meta: raise ValueError(f"{name} is on the meta device, which holds no values: pass a tensor with data")
+    if t.layout != torch.strided: raise ValueError(f"{name} must be a dense tensor, got layout {t.layout}")
+    return t
 
 # %% ../nbs/00_metrics.ipynb #f2f5cc3f
 def _check_ids(x, name, n, what, device):
@@ -356,24 +360,27 @@ def _sampled_ranks(D, q0, qc, j, n, gal, seed):
 class ReIDResult:
     "Retrieval metrics of a ReID evaluation: the CMC curve, mAP and mINP, and how many queries counted"
     def __init__(self,
-                 cmc:Tensor, # CMC curve: 1-D float64 CPU tensor of length `max_rank`, fractions in [0, 1]
+                 cmc:Tensor, # CMC curve: 1-D float64 CPU tensor, fractions in [0, 1], up to `max_rank` or the gallery size
                  mAP:float, # mean average precision
                  mINP:float, # mean inverse negative penalty
                  n_valid:int, # queries evaluated
                  n_skipped:int, # queries with no true match in their valid gallery
                  protocol:str='market1501', # protocol used
                  ap:str='standard', # AP definition used
-                ): store_attr()
+                 max_rank:int|None=None, # ranks `rank` answers for (default: the length of `cmc`)
+                ):
+        store_attr()
+        if max_rank is None: self.max_rank = len(cmc)
 
     def rank(self, k:int): # rank, from 1 to `max_rank`
         "CMC at rank `k`: the fraction of valid queries with a true match among the first `k`"
         k = _check_int(k, 'k', 1)
-        if k > len(self.cmc): raise ValueError(f"k must be <= {len(self.cmc)} (the max_rank of this result), got {k}")
-        return float(self.cmc[k - 1])
+        if k > self.max_rank: raise ValueError(f"k must be <= {self.max_rank} (the max_rank of this result), got {k}")
+        return float(self.cmc[min(k, len(self.cmc)) - 1])   # past the gallery's size the curve stays at its last value
 
     def as_dict(self):
         "The metrics as plain Python numbers (rank-1/5/10 up to `max_rank`), for logs and JSON"
-        ranks = {f'rank{k}': self.rank(k) for k in (1, 5, 10) if k <= len(self.cmc)}
+        ranks = {f'rank{k}': self.rank(k) for k in (1, 5, 10) if k <= self.max_rank}
         return {'mAP': float(self.mAP), 'mINP': float(self.mINP), **ranks,
                 'n_valid': int(self.n_valid), 'n_skipped': int(self.n_skipped)}
 
@@ -420,9 +427,10 @@ def _evaluate(rows, nq, qp, gp, qc, gc, max_rank, protocol, ap, chunk, seed, nam
         return first, aps, inps, drawn
     first, apq, inp, drawn = (torch.cat(l) for l in zip(*_map_chunks(scores, range(0, nq, chunk), qp.device)))
     if not len(first): raise _all_skipped(nq)
-    hits = torch.bincount(drawn.view(-1).clamp_max(max_rank + 1), minlength=max_rank + 2)[1:max_rank + 1]
+    n = min(max_rank, len(gp))                                  # no rank beyond the gallery: the curve is 1 there
+    hits = torch.bincount(drawn.view(-1).clamp_max(n + 1), minlength=n + 2)[1:n + 1]
     cmc = (hits.cumsum(0).double() / drawn.numel()).cpu()
-    return ReIDResult(cmc, float(apq.mean()), float(inp.mean()), len(first), nq - len(first), protocol, ap)
+    return ReIDResult(cmc, float(apq.mean()), float(inp.mean()), len(first), nq - len(first), protocol, ap, max_rank)
 
 # %% ../nbs/00_metrics.ipynb #97ee534b
 def _check_opts(max_rank, protocol, ap, seed):
@@ -434,7 +442,7 @@ def reid_metrics_from_dist(distmat, # (n_query, n_gallery) distances, smaller is
                            g_pids, # identity of each gallery image (-1 junk, 0 distractor)
                            q_camids, # camera of each query
                            g_camids, # camera of each gallery image
-                           max_rank:int=50, # length of the CMC curve
+                           max_rank:int=50, # length of the CMC curve (at most the gallery size)
                            protocol:str='market1501', # 'market1501' or 'cuhk03' (single-gallery-shot CMC)
                            ap:str='standard', # 'standard' (non-interpolated) or 'trapezoid' (reference script)
                            chunk_size:int|None=None, # queries per chunk (None: bounded by a memory budget)
@@ -454,7 +462,7 @@ def reid_metrics(query_feats, # (n_query, dim) features
                  g_pids, # identity of each gallery image (-1 junk, 0 distractor)
                  q_camids, # camera of each query
                  g_camids, # camera of each gallery image
-                 max_rank:int=50, # length of the CMC curve
+                 max_rank:int=50, # length of the CMC curve (at most the gallery size)
                  dist:str='cosine', # 'cosine' or 'euclidean' (see `reid_dist`)
                  protocol:str='market1501', # 'market1501' or 'cuhk03' (single-gallery-shot CMC)
                  ap:str='standard', # 'standard' (non-interpolated) or 'trapezoid' (reference script)
