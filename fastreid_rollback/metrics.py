@@ -308,20 +308,21 @@ def _query_scores(ranks, n, ap):
     return ranks[:, 0], aps, inp
 
 # %% ../nbs/00_metrics.ipynb #571b1cbb
-_m32, _repeats = 0xFFFFFFFF, 10
+_repeats, _draw_block = 10, 64   # draws per query; queries per generator, so a query's draws do not depend on the chunks
 
-def _mul32(x, k):
-    "(x * k) mod 2**32 for int64 `x` in [0, 2**32), without int64 overflow"
-    return ((x & 0xFFFF) * k + ((((x >> 16) * k) & 0xFFFF) << 16)) & _m32
-
-def _fmix32(h):
-    "murmur3's finaliser: a bijective mix of the 32 bits of `h`"
-    h = h ^ (h >> 16); h = _mul32(h, 0x85EBCA6B); h = h ^ (h >> 13); h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
+def _uniform_draws(seed, a, b, n):
+    "(b-a, `_repeats`, `n`) uniforms in [0, 1) for the queries `a`..`b-1`: a CPU generator per block of queries, seeded by (seed, block)"
+    out = []
+    for block in range(a // _draw_block, (b - 1) // _draw_block + 1):
+        state = np.random.SeedSequence([seed % 2**64, block]).generate_state(1, np.uint64)[0]
+        u = torch.rand(_draw_block, _repeats, n, generator=torch.Generator().manual_seed(int(state)))
+        s = block * _draw_block
+        out.append(u[max(a, s) - s:min(b, s + _draw_block) - s])
+    return torch.cat(out)
 
 def _draw(u, n):
-    "A uniform int in [0, n) from the 32 random bits `u`"
-    return (u * n) >> 32
+    "A uniform int in [0, `n`) from the uniforms `u` in [0, 1)"
+    return torch.minimum((u * n).long(), (n - 1).clamp_min(0))
 
 # %% ../nbs/00_metrics.ipynb #c37cd253
 def _ahead(d, cols, dq, qcol):
@@ -340,15 +341,12 @@ def _sampled_ranks(D, q0, qc, j, n, gal, seed):
     "Rank of the drawn true match among one drawn image per identity (and every distractor), per row and repeat"
     c = len(D); dev = D.device
     before, same = _own_draw_layout(gal, qc, j)
-    hj = _fmix32(torch.arange(len(gal.uids), device=dev) ^ 0x5BD1E995)
-    qg = torch.arange(q0, q0 + c, device=dev)
+    u = _uniform_draws(seed, q0, q0 + c, len(gal.uids)).to(dev)
     dd, dcols = D.index_select(1, gal.distractors), gal.distractors
     out = []
     for rep in range(_repeats):
-        hq = _fmix32(qg ^ int(_fmix32((seed * 0x9E3779B1 + rep * 0x632BE5AB) & _m32)))
-        u = _fmix32(hq[:, None] ^ hj)
-        cols = _at(gal.by_cam, gal.start + _draw(u, gal.count))
-        k = _draw(u.gather(1, j[:, None]).squeeze(1), n)
+        cols = _at(gal.by_cam, gal.start + _draw(u[:, rep], gal.count))
+        k = _draw(u[:, rep].gather(1, j[:, None]).squeeze(1), n)
         own = _at(gal.by_cam, (_at(gal.start, j) + torch.where(k < before, k, k + same)).clamp_max_(len(gal.by_cam) - 1))
         cols.scatter_(1, j[:, None], own[:, None])
         dq = D.gather(1, own[:, None])
