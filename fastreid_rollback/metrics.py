@@ -184,6 +184,8 @@ _max_rows = 1024   # rows per chunk: float32 bins need rows * _nbins < 2**23
 
 def _bins(D, lo, scale):
     "row * _nbins + bin of every distance of `D`: round((D - lo) * scale) + 1 clamped to 0.._nbins-1, monotone in `D`"
+    # adding 2**23 (2**52 for float64) makes the float's bits the rounded integer: 0.37 ms per 1M distances against
+    # 0.69 ms for a clamp and a float-to-int cast (one thread; `tricks` rows of benchmarks/metrics.py)
     magic, itype, bits = _magic[D.dtype]
     t = torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, _nbins - 2)
     off = torch.arange(len(D), device=D.device, dtype=D.dtype).mul_(_nbins).add_(magic + 1)

@@ -74,8 +74,8 @@ def agrees_with_reference(res, # a `ReIDResult`
                          )->bool:
     "Whether `res` has the reference's counts, CMC, mAP and mINP"
     cmc, mAP, mINP, nv, ns = ref
-    return ((res.n_valid, res.n_skipped) == (nv, ns) and res.cmc.shape == cmc.shape
-            and bool(np.abs(res.cmc.numpy() - cmc).max(initial=0) <= tol) and abs(res.mAP - mAP) <= tol and abs(res.mINP - mINP) <= tol)
+    return bool((res.n_valid, res.n_skipped) == (nv, ns) and res.cmc.shape == cmc.shape
+                and np.abs(res.cmc.numpy() - cmc).max(initial=0) <= tol and abs(res.mAP - mAP) <= tol and abs(res.mINP - mINP) <= tol)
 
 def same_result(a, b, # two `ReIDResult`s
                 tol:float=0., # largest difference allowed in mAP and mINP (0: equal)
