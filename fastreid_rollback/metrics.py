@@ -227,7 +227,7 @@ def _negatives_at_lower_index(rows, qp, pcols, pos, gal):
     "Negatives before each true match of the `rows` whose distances are all equal: those at a lower gallery index"
     qp, pcols, pos = _at(qp, rows), pcols.index_select(0, rows), pos.index_select(0, rows)
     neg = (gal.pids != -1) & (gal.pids != qp[:, None])         # kept and of another identity
-    return torch.where(pos, neg.cumsum(1).gather(1, pcols), 0)  # a true match is no negative: `<=` is `<` here
+    return torch.where(pos, neg.cumsum(1, dtype=torch.int32).gather(1, pcols).long(), 0)  # a true match is no negative: `<=` is `<` here
 
 # %% ../nbs/00_metrics.ipynb #2151ab58
 def _where_true(mask):
@@ -279,23 +279,29 @@ def _within_bin(D, bins, bpos, pos, d, pcols, qp, gal):
     return torch.where(pos, cum - torch.where(first > 0, cum.gather(1, (first - 1).clamp_min(0)), 0), 0)
 
 # %% ../nbs/00_metrics.ipynb #79ed4031
-def _match_ranks(D, qp, qc, j, has, gal):
-    "(ranks, n): rank of each true match of each row of `D`, sorted, 0 where padded; number of true matches"
+def _binned_negatives(D, d, pcols, pos, cols, same, n, mn, mx, qp, gal):
+    "Negatives before each true match: in the bins before its bin (a histogram), and before it in its bin (compared)"
     c = len(D)
-    d, pcols, pos, cols, same = _sorted_matches(D, qp, qc, j, has, gal)
-    n = pos.sum(1)
-    mn, mx = _sampled_spread(D)
     bins = _bins(D, *_bin_scale(d, n, mn, mx))
     hist = torch.bincount(bins.view(-1), minlength=c * _nbins)
     excl = torch.cat([torch.masked_select(bins.gather(1, cols), same), bins.index_select(1, gal.junk).view(-1)]).long()
     hist.index_add_(0, excl, torch.full_like(excl, -1))        # the query's identity and junk are no negatives
     cum = hist.view(c, _nbins).cumsum(1).view(-1)
     lower, bpos = _negatives_before(bins, cum, pcols, pos)
-    flat = _flat_rows(D, mn, mx)                                # one bin holds the whole row: order by index instead
-    within = _within_bin(D, bins, bpos, pos.index_fill(0, flat, False), d, pcols, qp, gal)
-    if len(flat): within.index_copy_(0, flat, _negatives_at_lower_index(flat, qp, pcols, pos, gal))
+    return lower + _within_bin(D, bins, bpos, pos, d, pcols, qp, gal)
+
+def _match_ranks(D, qp, qc, j, has, gal):
+    "(ranks, n): rank of each true match of each row of `D`, sorted, 0 where padded; number of true matches"
+    d, pcols, pos, cols, same = _sorted_matches(D, qp, qc, j, has, gal)
+    n = pos.sum(1)
+    mn, mx = _sampled_spread(D)
+    flat = _flat_rows(D, mn, mx)                                # all distances equal: the gallery order decides
+    if len(flat) == len(D): before = _negatives_at_lower_index(flat, qp, pcols, pos, gal)
+    else:
+        before = _binned_negatives(D, d, pcols, pos.index_fill(0, flat, False), cols, same, n, mn, mx, qp, gal)
+        if len(flat): before.index_copy_(0, flat, _negatives_at_lower_index(flat, qp, pcols, pos, gal))
     i = torch.arange(1, pos.shape[1] + 1, device=D.device)
-    return torch.where(pos, i + lower + within, 0), n
+    return torch.where(pos, i + before, 0), n
 
 # %% ../nbs/00_metrics.ipynb #1c0d38bb
 def _query_scores(ranks, n, ap):
