@@ -143,10 +143,6 @@ def _at(x, idx):
     "`x[idx]` for a 1-D `x` and an index tensor of any shape"
     return x.index_select(0, idx.reshape(-1)).view(idx.shape)
 
-def _at2(x, r, c):
-    "`x[r, c]` for a contiguous 2-D `x`"
-    return _at(x.view(-1), r * x.shape[1] + c)
-
 # %% ../nbs/00_metrics.ipynb #d0ed850e
 class _Gallery:
     "Gallery columns grouped by identity (ids >= 1), ascending gallery index within each identity"
@@ -179,14 +175,15 @@ class _Gallery:
 
 # %% ../nbs/00_metrics.ipynb #bd73b324
 _nbins = 4096   # bins per query row: bin 0 below the easiest true match, 1..4093 up to the hardest, then above
-_magic = {torch.float32: (2.**23, torch.int32, 0x4B000000), torch.float64: (2.**52, torch.int64, 0x4330000000000000)}
+_float_int_bits = {torch.float32: (2.**23, torch.int32, 0x4B000000),   # from 2**23 (2**52) on, a float's bits are an integer:
+                   torch.float64: (2.**52, torch.int64, 0x4330000000000000)}   # that offset, the integer type, the offset's bits
 _max_rows = 1024   # rows per chunk: float32 bins need rows * _nbins < 2**23
 
 def _bins(D, lo, scale):
     "row * _nbins + bin of every distance of `D`: round((D - lo) * scale) + 1 clamped to 0.._nbins-1, monotone in `D`"
     # adding 2**23 (2**52 for float64) makes the float's bits the rounded integer: 0.37 ms per 1M distances against
     # 0.69 ms for a clamp and a float-to-int cast (one thread; `tricks` rows of benchmarks/metrics.py)
-    magic, itype, bits = _magic[D.dtype]
+    magic, itype, bits = _float_int_bits[D.dtype]
     t = torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, _nbins - 2)
     off = torch.arange(len(D), device=D.device, dtype=D.dtype).mul_(_nbins).add_(magic + 1)
     return t.add_(off[:, None]).view(itype).sub_(bits)
@@ -211,7 +208,7 @@ def _sorted_matches(D, qp, qc, j, has, gal):
     d, o = torch.sort(D.gather(1, cols).masked_fill_(~pos, math.inf), dim=1, stable=True)
     return d, cols.gather(1, o), pos.gather(1, o), cols, same
 
-def _negatives_before(bins, cum, pcols, pos):
+def _negatives_in_earlier_bins(bins, cum, pcols, pos):
     "Negatives in the bins before each true match's bin (from the cumulative histogram `cum`)"
     bpos = bins.gather(1, pcols)
     return torch.where(pos, _at(cum, (bpos.long() - 1).clamp_min_(0)), 0), bpos
@@ -260,7 +257,7 @@ def _matches_passed(de, ge, k0, size, d, pcols):
         todo = _at(todo, _where_true(a & (_at(size, todo) > step + 1)))
     return passed
 
-def _within_bin(D, bins, bpos, pos, d, pcols, qp, gal):
+def _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal):
     "Negatives that share a bin with each true match and come before it (ties broken by gallery index)"
     (c, G), m = D.shape, pos.shape[1]
     first, size = _bin_groups(bpos, pos)
@@ -287,8 +284,8 @@ def _binned_negatives(D, d, pcols, pos, cols, same, n, mn, mx, qp, gal):
     excl = torch.cat([torch.masked_select(bins.gather(1, cols), same), bins.index_select(1, gal.junk).view(-1)]).long()
     hist.index_add_(0, excl, torch.full_like(excl, -1))        # the query's identity and junk are no negatives
     cum = hist.view(c, _nbins).cumsum(1).view(-1)
-    lower, bpos = _negatives_before(bins, cum, pcols, pos)
-    return lower + _within_bin(D, bins, bpos, pos, d, pcols, qp, gal)
+    lower, bpos = _negatives_in_earlier_bins(bins, cum, pcols, pos)
+    return lower + _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal)
 
 def _match_ranks(D, qp, qc, j, has, gal):
     "(ranks, n): rank of each true match of each row of `D`, sorted, 0 where padded; number of true matches"
