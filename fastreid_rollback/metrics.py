@@ -175,18 +175,16 @@ class _Gallery:
 
 # %% ../nbs/00_metrics.ipynb #bd73b324
 _nbins = 4096   # bins per query row: bin 0 below the easiest true match, 1..4093 up to the hardest, then above
-_float_int_bits = {torch.float32: (2.**23, torch.int32, 0x4B000000),   # from 2**23 (2**52) on, a float's bits are an integer:
-                   torch.float64: (2.**52, torch.int64, 0x4330000000000000)}   # that offset, the integer type, the offset's bits
-_max_rows = 1024   # rows per chunk: float32 bins need rows * _nbins < 2**23
+_max_rows = 1024   # rows per chunk: the bins need rows * _nbins < 2**23
 
 def _bins(D, lo, scale):
-    "row * _nbins + bin of every distance of `D`: round((D - lo) * scale) + 1 clamped to 0.._nbins-1, monotone in `D`"
-    # adding 2**23 (2**52 for float64) makes the float's bits the rounded integer: 0.37 ms per 1M distances against
-    # 0.69 ms for a clamp and a float-to-int cast (one thread; `tricks` rows of benchmarks/metrics.py)
-    magic, itype, bits = _float_int_bits[D.dtype]
+    "row * _nbins + bin of every distance of `D` (int32): round((D - lo) * scale) + 1 clamped to 0.._nbins-1, monotone in `D`"
     t = torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, _nbins - 2)
-    off = torch.arange(len(D), device=D.device, dtype=D.dtype).mul_(_nbins).add_(magic + 1)
-    return t.add_(off[:, None]).view(itype).sub_(bits)
+    if t.dtype == torch.float64: t = t.float()                  # rounding is monotone: so are the bins, at half the memory
+    # from 2**23 on, a float32's bits are an integer: adding 2**23 rounds, and the bits minus those of 2**23 are the bin.
+    # 0.37 ms per 1M distances against 0.69 ms for a float-to-int cast (one thread; `tricks` rows of benchmarks/metrics.py)
+    off = torch.arange(len(D), device=D.device, dtype=torch.float32).mul_(_nbins).add_(2.**23 + 1)
+    return t.add_(off[:, None]).view(torch.int32).sub_(0x4B000000)
 
 def _sampled_spread(D):
     "Per row: the smallest and largest distance of a sample of about 256 of its entries"

@@ -101,6 +101,14 @@ def test_ties_in_large_rows_against_reference():
             assert agrees_with_reference(reid_metrics_from_dist(torch.tensor(D, dtype=dtype), qp, gp, qc, gc, chunk_size=16),
                         ref_metrics(D, qp, gp, qc, gc))
 
+def test_float64_distances_float32_cannot_tell_apart():
+    "float64 distances closer than float32's precision are ranked exactly (the bins, in int32, only need to be monotone)"
+    rng = np.random.default_rng(24)
+    qp, gp, qc, gc = rand_ids(rng, 30, 500, 20, 3)
+    for scale in (1e-12, 1e-7):
+        D = 0.5 + rng.integers(0, 50, (30, 500)) * scale             # 50 distinct float64 values, one or a few in float32
+        assert agrees_with_reference(reid_metrics_from_dist(torch.tensor(D), qp, gp, qc, gc, chunk_size=7), ref_metrics(D, qp, gp, qc, gc))
+
 def test_row_equal_but_for_an_entry_the_sample_misses():
     "A row of equal distances but for one slightly farther distractor: ranked by distance, not by gallery index"
     D = torch.full((1, 3000), .5); D[0, 1] = .5 + 1e-6               # column 1 is not among the sampled columns
