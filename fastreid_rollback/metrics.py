@@ -227,8 +227,8 @@ def _negatives_at_lower_index(rows, qp, pcols, pos, gal):
 # %% ../nbs/00_metrics.ipynb #2151ab58
 def _where_true(mask):
     "Flat indices of the `True` entries of `mask`"
-    # on CPU numpy's `flatnonzero`: 0.15 ms per 1M entries against 1.2 ms for torch's `nonzero` (one thread; `where_true`
-    # row of benchmarks/metrics.py), and 0.5 ms against 6.7 ms when 1 entry in 8 is set (matrices full of ties)
+    # on CPU numpy's `flatnonzero`: 0.15 ms per 1M entries against 1.0 ms for torch's `nonzero` (one thread; `where_true`
+    # rows of benchmarks/metrics.py), and 0.47 ms against 6.1 ms when 1 entry in 8 is set (matrices full of ties)
     if mask.device.type == 'cpu': return torch.from_numpy(np.flatnonzero(mask.numpy()))
     return mask.view(-1).nonzero().squeeze(1)
 
