@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/metrics.py --device cuda       # the GPU run (target: Market size under 20 ms)
 
 Every CPU run writes benchmarks/results/metrics.json (every row, the configuration, the load average at the
-start of each section) and prints a table per section:
+start of each section) and its tables as benchmarks/results/metrics.md, and prints a table per section:
 
 - market: Market-1501 size (3,368 queries x 15,913 gallery images, 751 identities + 2,793 distractors, 6 cameras),
   distance matrix given, four kinds of distances: from trained-like features, from random features, those rounded
@@ -353,15 +353,64 @@ def run_device(device, quick):
                                          f" (x{r['speedup']})   same as CPU {r['same_as_cpu']}   agrees {r['agrees_with_reference']}")
         else: line += f"   peak device memory {r['peak_device_memory_gb']} GB   same as CPU {r['same_as_cpu_on_256_queries']}"
         print(line + f"   mAP {r['mAP']}")
-    fn = RESULTS.with_name(f'metrics_{device.type}.json')
-    fn.write_text(json.dumps(dict(device=name, torch=torch.__version__, quick=quick, rows=out), indent=1) + '\n')
+    write_atomic(RESULTS.with_name(f'metrics_{device.type}.json'), json.dumps(dict(device=name, torch=torch.__version__, quick=quick, rows=out), indent=1) + '\n')
+
+# ---------------------------------------------------------------- the report
+def fmt(x, unit=' s', digits=3):
+    "`x` with `digits` decimals and `unit`, or an empty cell for None"
+    return '' if x is None else f'{x:.{digits}f}{unit}'
+
+def table(header, rows):
+    "A markdown table"
+    return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)] + ['| ' + ' | '.join(map(str, r)) + ' |' for r in rows])
+
+def markdown_report(results):
+    "The tables of `results` as markdown (written beside the JSON as metrics.md)"
+    c = results.get('config', {})
+    out = [f"# benchmarks/metrics.py: results\n\nWritten by `benchmarks/metrics.py` from `metrics.json`: do not edit. torch {c.get('torch')}, "
+           f"{c.get('torch_threads')} threads, {c.get('usable_cpus')} usable CPUs, quick={c.get('quick')}; times are medians of repeats. "
+           "Load average at the start of each section: " + ', '.join(f"{k} {v['load_average_at_start']}" for k, v in c.get('sections', {}).items()) + '.']
+    if 'market' in results:
+        out += ['## Market-1501 size, distance matrix given', table(
+            ['distances', 'library', '1 thread', 'one `torch.sort`', 'reference (numpy, per query)', 'torchreid Cython', 'speed-up over Cython', 'mAP', 'agrees'],
+            [[r['distances'], fmt(r['library_s']), fmt(r['library_1_thread_s']), fmt(r['full_sort_s']),
+              f"{fmt(r['reference_s'], digits=2)} ({r['reference_queries']} queries)", fmt(r['cython_s'], digits=2),
+              '' if r['speedup_cython'] is None else f"x{r['speedup_cython']}", r['mAP'], r['agrees_with_reference']] for r in results['market'].values()])]
+    if 'sweep' in results:
+        w = results['sweep']
+        out += ['## Sweep over distributions, Market-1501 size', f"{w['n_cases']} cases: median **{fmt(w['median_s'])}**, worst **{fmt(w['worst_s'])}** "
+                f"(`{w['worst_case']}`); one `torch.sort` of a float32 matrix {fmt(w['full_sort_s'])}, of a float64 one {fmt(w['full_sort_float64_s'])}; "
+                f"all agree with the reference on sampled queries: {w['all_agree_with_reference']}.",
+                table(['case', 'dimension', 'clusters', 'camera', 'dtype', 'mAP', 'library'],
+                      [[k, r['dim'], r['spread'], r['camera'], r['dtype'], r['mAP'], fmt(r['library_s'])] for k, r in w['cases'].items()])]
+    if 'busy' in results:
+        out += ['## One competing CPU-bound process', table(
+            ['distances', 'idle', 'busy', 'idle, 1 thread', 'busy, 1 thread', 'busy / idle', 'busy / idle 1 thread', 'Cython idle', 'Cython busy'],
+            [[r['distances'], fmt(r['idle_s']), fmt(r['busy_s']), fmt(r['idle_1_thread_s']), fmt(r['busy_1_thread_s']), r['busy_over_idle'],
+              r['busy_over_idle_1_thread'], fmt(r.get('cython_idle_s'), digits=2), fmt(r.get('cython_busy_s'), digits=2)] for r in results['busy'].values()])]
+    if 'tricks' in results:
+        t = results['tricks']
+        out += ['## The engine\'s low-level choices (one thread, 1M distances)', table(['step', 'as the engine does it', 'the plain way'],
+            [[f"flat indices of set entries, {v['fraction_set']:.1%} set", f"numpy flatnonzero {v['numpy_flatnonzero_ms']} ms", f"torch nonzero {v['torch_nonzero_ms']} ms"]
+             for k, v in t.items() if k.startswith('where_true')] + [['distance to bin', f"float bits {t['bins']['float_bits_ms']} ms", f"cast {t['bins']['cast_ms']} ms"]])]
+    if 'msmt' in results:
+        r = results['msmt']
+        out += ['## MSMT17 size, from 2048-d features', table(['queries', 'gallery', 'library', 'reference (extrapolated)', 'peak RSS', 'RSS after making the features', 'mAP'],
+            [[r['queries'], r['gallery'], fmt(r['library_s'], digits=1), f"{fmt(r['reference_s'], digits=1)} ({r['reference_queries']} queries)",
+              fmt(r['peak_rss_gb'], ' GB', 2), fmt(r['rss_after_features_gb'], ' GB', 2), r['mAP']]])]
+    return '\n\n'.join(out) + '\n'
 
 # ---------------------------------------------------------------- the CPU run
+def write_atomic(fn, text):
+    "`text` into `fn` through a temporary file in the same folder"
+    fn.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fn.with_name(fn.name + '.tmp')
+    tmp.write_text(text); os.replace(tmp, fn)
+
 def write_results(results):
-    "`results` as JSON in RESULTS, atomically"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(results, indent=1) + '\n'); os.replace(tmp, RESULTS)
+    "`results` as JSON in RESULTS, and its tables as markdown beside it"
+    write_atomic(RESULTS, json.dumps(results, indent=1) + '\n')
+    write_atomic(RESULTS.with_suffix('.md'), markdown_report(results))
 
 def run_cpu(quick, only):
     results = json.loads(RESULTS.read_text()) if only and RESULTS.exists() else {}
@@ -385,9 +434,11 @@ if __name__ == '__main__':
     ap.add_argument('--quick', action='store_true', help='fewer cases and repeats, sampled baselines, MSMT17 on 1,024 queries')
     ap.add_argument('--only', default='', help=f"comma-separated sections among {', '.join(SECTIONS)} (default: all)")
     ap.add_argument('--device', default='cpu', help="'cpu' (the full CPU benchmark) or a GPU, e.g. 'cuda'")
+    ap.add_argument('--report', action='store_true', help='only rewrite results/metrics.md from results/metrics.json')
     ap.add_argument('--msmt-child', type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.msmt_child: msmt_child(a.msmt_child); sys.exit()
+    if a.report: write_results(json.loads(RESULTS.read_text())); sys.exit()
     only = [s for s in a.only.split(',') if s]
     if bad := [s for s in only if s not in SECTIONS]: sys.exit(f"--only: unknown section {bad[0]!r}; expected some of {', '.join(SECTIONS)}")
     if a.device != 'cpu': run_device(torch.device(a.device), a.quick)
