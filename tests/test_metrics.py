@@ -370,7 +370,7 @@ def test_cuda_agrees_with_reference():
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-examples = settings(max_examples=150, deadline=None, database=None)   # no .hypothesis folder in the repository
+examples = settings(max_examples=150, deadline=None)
 odd_values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=4),
                        st.sampled_from(['cosine', 'euclidean', 'market1501', 'cuhk03', 'standard', 'trapezoid']),
                        st.lists(st.integers(-3, 3), max_size=3), st.integers(-5, 5).map(np.int64),
