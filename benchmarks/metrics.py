@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, _bins, _where_true, _nbins
+from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, _bins, _where_true, _max_bins
 from fastreid_rollback.test_utils import ref_metrics, agrees_with_reference, same_result
 
 RESULTS = Path(__file__).parent/'results'/'metrics.json'
@@ -246,11 +246,12 @@ def tricks(quick):
             out[name] = dict(numpy_flatnonzero_ms=round(1e3 * median_time(lambda: _where_true(m), reps)[0], 3),
                              torch_nonzero_ms=round(1e3 * median_time(lambda: m.nonzero().squeeze(1), reps)[0], 3), fraction_set=frac)
         D = torch.rand(n // 16384 * 16, 1024)
-        lo, scale = torch.zeros(len(D)), torch.full((len(D),), float(_nbins - 4))
-        rows = torch.arange(len(D), dtype=torch.int32)[:, None] * _nbins
+        nb = _max_bins
+        lo, scale = torch.zeros(len(D)), torch.full((len(D),), float(nb - 4))
+        rows = torch.arange(len(D), dtype=torch.int32)[:, None] * nb
         def bins_by_cast():                                              # the plain way: clamp, then a float-to-int cast
-            return torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, _nbins - 2).add_(1.5).to(torch.int32).add_(rows)
-        out['bins'] = dict(float_bits_ms=round(1e3 * median_time(lambda: _bins(D, lo, scale), reps)[0], 3),
+            return torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, nb - 2).add_(1.5).to(torch.int32).add_(rows)
+        out['bins'] = dict(float_bits_ms=round(1e3 * median_time(lambda: _bins(D, lo, scale, nb), reps)[0], 3),
                            cast_ms=round(1e3 * median_time(bins_by_cast, reps)[0], 3))
     for k, v in out.items(): print(k, json.dumps(v))
     return out

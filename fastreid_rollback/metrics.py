@@ -174,29 +174,33 @@ class _Gallery:
         return cols.masked_fill_(~mask, 0), mask
 
 # %% ../nbs/00_metrics.ipynb #bd73b324
-_nbins = 4096   # bins per query row: bin 0 below the easiest true match, 1..4093 up to the hardest, then above
-_max_rows = 1024   # rows per chunk: the bins need rows * _nbins < 2**23
+_max_bins = 4096   # bins per query row, at most: bin 0 below the easiest true match, 1..nb-3 up to the hardest, then above
+_max_rows = 1024   # rows per chunk: the bins need rows * _max_bins < 2**23
 
-def _bins(D, lo, scale):
-    "row * _nbins + bin of every distance of `D` (int32): round((D - lo) * scale) + 1 clamped to 0.._nbins-1, monotone in `D`"
-    t = torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, _nbins - 2)
+def _bins_per_row(G):
+    "Bins per query row for a gallery of `G` images: about one per image, a power of two from 64 to `_max_bins`"
+    return max(64, min(_max_bins, 1 << (G - 1).bit_length()))
+
+def _bins(D, lo, scale, nb):
+    "row * nb + bin of every distance of `D` (int32): round((D - lo) * scale) + 1 clamped to 0..nb-1, monotone in `D`"
+    t = torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, nb - 2)
     if t.dtype == torch.float64: t = t.float()                  # rounding is monotone: so are the bins, at half the memory
     # from 2**23 on, a float32's bits are an integer: adding 2**23 rounds, and the bits minus those of 2**23 are the bin.
     # 0.37 ms per 1M distances against 0.69 ms for a float-to-int cast (one thread; `tricks` rows of benchmarks/metrics.py)
-    off = torch.arange(len(D), device=D.device, dtype=torch.float32).mul_(_nbins).add_(2.**23 + 1)
+    off = torch.arange(len(D), device=D.device, dtype=torch.float32).mul_(nb).add_(2.**23 + 1)
     return t.add_(off[:, None]).view(torch.int32).sub_(0x4B000000)
 
 def _sampled_spread(D):
     "Per row: the smallest and largest distance of a sample of about 256 of its entries"
     return torch.aminmax(D[:, ::max(1, D.shape[1] // 256)], dim=1)
 
-def _bin_scale(d, n, mn, mx):
+def _bin_scale(d, n, mn, mx, nb):
     "Per row: the easiest true match's distance and the scale that spreads the true matches over the bins"
     has = n > 0
     lo = torch.where(has, d[:, 0], 0)
     span = torch.where(has, d.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1), 0) - lo
     width = torch.where(span > 0, span, torch.where(mx > mn, mx - mn, 1.))  # rows with a single true match: the sample's spread
-    return lo, ((_nbins - 4) / width).clamp_(1e-30, 1e30)   # the hardest true match lands in bin _nbins-3, clear of the top bin
+    return lo, ((nb - 4) / width).clamp_(1e-30, 1e30)   # the hardest true match lands in bin nb-3, clear of the top bin
 
 # %% ../nbs/00_metrics.ipynb #3e5c9cad
 def _sorted_matches(D, qp, qc, j, has, gal):
@@ -255,11 +259,11 @@ def _matches_passed(de, ge, k0, size, d, pcols):
         todo = _at(todo, _where_true(a & (_at(size, todo) > step + 1)))
     return passed
 
-def _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal):
+def _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal, nb):
     "Negatives that share a bin with each true match and come before it (ties broken by gallery index)"
     (c, G), m = D.shape, pos.shape[1]
     first, size = _bin_groups(bpos, pos)
-    slot = torch.full((c * _nbins,), -1, dtype=torch.int32, device=D.device)   # per bin: flat index of its first true match
+    slot = torch.full((c * nb,), -1, dtype=torch.int32, device=D.device)   # per bin: flat index of its first true match
     rows = torch.arange(c, device=D.device)[:, None] * m
     slot.index_put_((torch.masked_select(bpos, pos).long(),), torch.masked_select(first + rows, pos).int())
     f = _where_true(_at(slot >= 0, bins))                      # the entries in a bin with a true match (few)
@@ -276,14 +280,14 @@ def _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal):
 # %% ../nbs/00_metrics.ipynb #79ed4031
 def _binned_negatives(D, d, pcols, pos, cols, same, n, mn, mx, qp, gal):
     "Negatives before each true match: in the bins before its bin (a histogram), and before it in its bin (compared)"
-    c = len(D)
-    bins = _bins(D, *_bin_scale(d, n, mn, mx))
-    hist = torch.bincount(bins.view(-1), minlength=c * _nbins)
+    (c, G), nb = D.shape, _bins_per_row(D.shape[1])
+    bins = _bins(D, *_bin_scale(d, n, mn, mx, nb), nb)
+    hist = torch.bincount(bins.view(-1), minlength=c * nb)
     excl = torch.cat([torch.masked_select(bins.gather(1, cols), same), bins.index_select(1, gal.junk).view(-1)]).long()
     hist.index_add_(0, excl, torch.full_like(excl, -1))        # the query's identity and junk are no negatives
-    cum = hist.view(c, _nbins).cumsum(1).view(-1)
+    cum = hist.view(c, nb).cumsum(1).view(-1)
     lower, bpos = _negatives_in_earlier_bins(bins, cum, pcols, pos)
-    return lower + _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal)
+    return lower + _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal, nb)
 
 def _match_ranks(D, qp, qc, j, has, gal):
     "(ranks, n): rank of each true match of each row of `D`, sorted, 0 where padded; number of true matches"
