@@ -5,6 +5,7 @@
 # %% ../nbs/00_metrics.ipynb #d8a834b8
 from __future__ import annotations
 import math, operator
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,14 @@ def _check_int(value, name, lo=None):
 
 def _as_tensor(x, name):
     "`x` (tensor, numpy array or list) as a tensor"
-    if isinstance(x, Tensor): return x
-    try: return torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a tensor, a numpy array or a list of numbers, got {type(x).__name__}") from None
+    if isinstance(x, Tensor): t = x
+    else:
+        try: t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a tensor, a numpy array or a list of numbers, got {type(x).__name__}") from None
+    if t.is_meta: raise ValueError(f"{name} is on the meta device, which holds no values: pass a tensor with data")
+    if t.layout != torch.strided: raise ValueError(f"{name} must be a dense tensor, got layout {t.layout}")
+    return t
 
 # %% ../nbs/00_metrics.ipynb #f2f5cc3f
 def _check_ids(x, name, n, what, device):
@@ -138,10 +143,6 @@ def _at(x, idx):
     "`x[idx]` for a 1-D `x` and an index tensor of any shape"
     return x.index_select(0, idx.reshape(-1)).view(idx.shape)
 
-def _at2(x, r, c):
-    "`x[r, c]` for a contiguous 2-D `x`"
-    return _at(x.view(-1), r * x.shape[1] + c)
-
 # %% ../nbs/00_metrics.ipynb #d0ed850e
 class _Gallery:
     "Gallery columns grouped by identity (ids >= 1), ascending gallery index within each identity"
@@ -173,28 +174,33 @@ class _Gallery:
         return cols.masked_fill_(~mask, 0), mask
 
 # %% ../nbs/00_metrics.ipynb #bd73b324
-_nbins = 4096   # bins per query row: bin 0 below the easiest true match, 1..4093 up to the hardest, then above
-_magic = {torch.float32: (2.**23, torch.int32, 0x4B000000), torch.float64: (2.**52, torch.int64, 0x4330000000000000)}
-_max_rows = 1024   # rows per chunk: float32 bins need rows * _nbins < 2**23
+_max_bins = 4096   # bins per query row, at most: bin 0 below the easiest true match, 1..nb-3 up to the hardest, then above
+_max_rows = 1024   # rows per chunk: the bins need rows * _max_bins < 2**23
 
-def _bins(D, lo, scale):
-    "row * _nbins + bin of every distance of `D`: round((D - lo) * scale) + 1 clamped to 0.._nbins-1, monotone in `D`"
-    magic, itype, bits = _magic[D.dtype]
-    t = torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, _nbins - 2)
-    off = torch.arange(len(D), device=D.device, dtype=D.dtype).mul_(_nbins).add_(magic + 1)
-    return t.add_(off[:, None]).view(itype).sub_(bits)
+def _bins_per_row(G):
+    "Bins per query row for a gallery of `G` images: about one per image, a power of two from 64 to `_max_bins`"
+    return max(64, min(_max_bins, 1 << (G - 1).bit_length()))
+
+def _bins(D, lo, scale, nb):
+    "row * nb + bin of every distance of `D` (int32): round((D - lo) * scale) + 1 clamped to 0..nb-1, monotone in `D`"
+    t = torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, nb - 2)
+    if t.dtype == torch.float64: t = t.float()                  # rounding is monotone: so are the bins, at half the memory
+    # from 2**23 on, a float32's bits are an integer: adding 2**23 rounds, and the bits minus those of 2**23 are the bin.
+    # 0.37 ms per 1M distances against 0.69 ms for a float-to-int cast (one thread; `tricks` rows of benchmarks/metrics.py)
+    off = torch.arange(len(D), device=D.device, dtype=torch.float32).mul_(nb).add_(2.**23 + 1)
+    return t.add_(off[:, None]).view(torch.int32).sub_(0x4B000000)
 
 def _sampled_spread(D):
     "Per row: the smallest and largest distance of a sample of about 256 of its entries"
     return torch.aminmax(D[:, ::max(1, D.shape[1] // 256)], dim=1)
 
-def _bin_scale(d, n, mn, mx):
+def _bin_scale(d, n, mn, mx, nb):
     "Per row: the easiest true match's distance and the scale that spreads the true matches over the bins"
     has = n > 0
     lo = torch.where(has, d[:, 0], 0)
     span = torch.where(has, d.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1), 0) - lo
     width = torch.where(span > 0, span, torch.where(mx > mn, mx - mn, 1.))  # rows with a single true match: the sample's spread
-    return lo, ((_nbins - 4) / width).clamp_(1e-30, 1e30)   # the hardest true match lands in bin _nbins-3, clear of the top bin
+    return lo, ((nb - 4) / width).clamp_(1e-30, 1e30)   # the hardest true match lands in bin nb-3, clear of the top bin
 
 # %% ../nbs/00_metrics.ipynb #3e5c9cad
 def _sorted_matches(D, qp, qc, j, has, gal):
@@ -204,32 +210,10 @@ def _sorted_matches(D, qp, qc, j, has, gal):
     d, o = torch.sort(D.gather(1, cols).masked_fill_(~pos, math.inf), dim=1, stable=True)
     return d, cols.gather(1, o), pos.gather(1, o), cols, same
 
-def _negatives_before(bins, cum, pcols, pos):
+def _negatives_in_earlier_bins(bins, cum, pcols, pos):
     "Negatives in the bins before each true match's bin (from the cumulative histogram `cum`)"
     bpos = bins.gather(1, pcols)
     return torch.where(pos, _at(cum, (bpos.long() - 1).clamp_min_(0)), 0), bpos
-
-def _flagged(lut, bins):
-    "Flat indices of the entries of `bins` whose bin is set in `lut` (usually few): `nonzero` on 8-byte words, then on bytes"
-    n = bins.numel()
-    buf = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=bins.device)
-    torch.index_select(lut, 0, bins.view(-1), out=buf[:n])
-    w = buf.view(torch.int64).nonzero().squeeze(1)
-    f = (w[:, None] * 8 + torch.arange(8, device=bins.device)).view(-1)
-    return torch.masked_select(f, _at(buf, f))
-
-def _float32_key(d):
-    "int64 keys in [0, 2**32) ordered as the float32 values `d` (-0.0 equal to 0.0): the bits, sign-flipped"
-    i = (d + 0.).view(torch.int32).long()
-    return torch.where(i < 0, -1 - i, i + 2**31)
-
-def _row_distance_order(D, r, g):
-    "Permutation of entries in (row, gallery index) order into (row, distance, gallery index) order; None when already so"
-    d = _at2(D, r, g)
-    if not len(d) or bool(((d[1:] >= d[:-1]) | (r[1:] != r[:-1])).all()): return None   # e.g. all distances equal
-    if D.dtype == torch.float32: return torch.sort((r << 32) | _float32_key(d), stable=True).indices
-    o = torch.sort(d, stable=True).indices
-    return _at(o, torch.sort(_at(r, o), stable=True).indices)
 
 def _flat_rows(D, mn, mx):
     "Indices of the rows of `D` whose distances are all equal (a collapsed model's): the sample says which may be"
@@ -242,47 +226,81 @@ def _negatives_at_lower_index(rows, qp, pcols, pos, gal):
     "Negatives before each true match of the `rows` whose distances are all equal: those at a lower gallery index"
     qp, pcols, pos = _at(qp, rows), pcols.index_select(0, rows), pos.index_select(0, rows)
     neg = (gal.pids != -1) & (gal.pids != qp[:, None])         # kept and of another identity
-    return torch.where(pos, neg.cumsum(1).gather(1, pcols), 0)  # a true match is no negative: `<=` is `<` here
+    return torch.where(pos, neg.cumsum(1, dtype=torch.int32).gather(1, pcols).long(), 0)  # a true match is no negative: `<=` is `<` here
 
-def _within_bin(D, bins, bpos, pos, qp, qc, gal):
+# %% ../nbs/00_metrics.ipynb #2151ab58
+def _where_true(mask):
+    "Flat indices of the `True` entries of `mask`"
+    # on CPU numpy's `flatnonzero`: 0.15 ms per 1M entries against 1.0 ms for torch's `nonzero` (one thread; `where_true`
+    # rows of benchmarks/metrics.py), and 0.47 ms against 6.1 ms when 1 entry in 8 is set (matrices full of ties)
+    if mask.device.type == 'cpu': return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.view(-1).nonzero().squeeze(1)
+
+def _bin_groups(bpos, pos):
+    "Per true match (sorted): the index of the first true match of its row in its bin, and how many share that bin"
+    k = torch.arange(pos.shape[1], device=pos.device).expand_as(pos)
+    new = torch.ones_like(pos); new[:, 1:] = bpos[:, 1:] != bpos[:, :-1]
+    first = torch.cummax(torch.where(new, k, 0), dim=1).values
+    return first, torch.zeros_like(first).scatter_add_(1, first, pos.long()).gather(1, first)
+
+def _matches_passed(de, ge, k0, size, d, pcols):
+    "Per entry (distance `de`, column `ge`): how many of the sorted true matches `k0`, `k0`+1, ... (`size` of them) come before it"
+    d, pcols = d.view(-1), pcols.view(-1)
+    def ahead(k, de, ge):
+        dk = _at(d, k)
+        return (dk < de) | ((dk == de) & (_at(pcols, k) < ge))
+    passed = ahead(k0, de, ge)
+    todo = _where_true(passed & (size > 1))                     # the matches are sorted: past the first, compare with the next
+    passed = passed.long()
+    for step in range(1, int(size.max()) if len(size) else 0):
+        if not len(todo): break
+        a = ahead(_at(k0, todo) + step, _at(de, todo), _at(ge, todo))
+        passed.index_add_(0, todo, a.long())
+        todo = _at(todo, _where_true(a & (_at(size, todo) > step + 1)))
+    return passed
+
+def _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal, nb):
     "Negatives that share a bin with each true match and come before it (ties broken by gallery index)"
-    c, G = D.shape
-    lut = torch.zeros(c * _nbins, dtype=torch.bool, device=D.device)
-    lut.index_fill_(0, torch.masked_select(bpos, pos).long(), True)
-    f = _flagged(lut, bins)                                     # row-major: sorted by (row, gallery index)
+    (c, G), m = D.shape, pos.shape[1]
+    first, size = _bin_groups(bpos, pos)
+    slot = torch.full((c * nb,), -1, dtype=torch.int32, device=D.device)   # per bin: flat index of its first true match
+    rows = torch.arange(c, device=D.device)[:, None] * m
+    slot.index_put_((torch.masked_select(bpos, pos).long(),), torch.masked_select(first + rows, pos).int())
+    f = _where_true(_at(slot >= 0, bins))                      # the entries in a bin with a true match (few)
+    k0 = _at(slot, _at(bins.view(-1), f)).long()
     r = torch.div(f, G, rounding_mode='floor'); g = f - r * G
-    p, q = _at(gal.pids, g), _at(qp, r)
-    keep = _kept(q, p, _at(qc, r), _at(gal.camids, g))          # true matches and negatives
-    is_pos = keep & (p == q)
-    r, g, is_pos = (torch.masked_select(x, keep) for x in (r, g, is_pos))
-    o = _row_distance_order(D, r, g)                            # bins are monotone in the distance: this is also
-    if o is not None: r, g, is_pos = _at(r, o), _at(g, o), _at(is_pos, o)   # (row, bin, distance, gallery index) order
-    b, is_neg = _at2(bins, r, g), (~is_pos).long()
-    before = is_neg.cumsum(0) - is_neg                          # negatives before, in that order
-    new = torch.ones_like(b, dtype=torch.bool); new[1:] = b[1:] != b[:-1]
-    start = torch.cummax(torch.where(new, torch.arange(len(b), device=D.device), 0), 0).values
-    out = torch.zeros(pos.shape, dtype=torch.long, device=D.device)
-    out.masked_scatter_(pos, torch.masked_select(before - _at(before, start), is_neg == 0))   # in (row, rank) order
-    return out
+    p = _at(gal.pids, g)
+    neg = (p != -1) & (p != _at(qp, r))                        # kept and of another identity
+    sz = _at(size.view(-1), k0)
+    passed = _matches_passed(_at(D.view(-1), f), g, k0, sz, d, pcols)
+    before = torch.where(neg & (passed < sz), k0 + passed, c * m)   # a negative that passed s matches comes before k0+s, ...
+    cum = torch.bincount(before, minlength=c * m + 1)[:-1].view(c, m).cumsum(1)
+    return torch.where(pos, cum - torch.where(first > 0, cum.gather(1, (first - 1).clamp_min(0)), 0), 0)
 
 # %% ../nbs/00_metrics.ipynb #79ed4031
+def _binned_negatives(D, d, pcols, pos, cols, same, n, mn, mx, qp, gal):
+    "Negatives before each true match: in the bins before its bin (a histogram), and before it in its bin (compared)"
+    (c, G), nb = D.shape, _bins_per_row(D.shape[1])
+    bins = _bins(D, *_bin_scale(d, n, mn, mx, nb), nb)
+    hist = torch.bincount(bins.view(-1), minlength=c * nb)
+    excl = torch.cat([torch.masked_select(bins.gather(1, cols), same), bins.index_select(1, gal.junk).view(-1)]).long()
+    hist.index_add_(0, excl, torch.full_like(excl, -1))        # the query's identity and junk are no negatives
+    cum = hist.view(c, nb).cumsum(1).view(-1)
+    lower, bpos = _negatives_in_earlier_bins(bins, cum, pcols, pos)
+    return lower + _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal, nb)
+
 def _match_ranks(D, qp, qc, j, has, gal):
     "(ranks, n): rank of each true match of each row of `D`, sorted, 0 where padded; number of true matches"
-    c = len(D)
     d, pcols, pos, cols, same = _sorted_matches(D, qp, qc, j, has, gal)
     n = pos.sum(1)
     mn, mx = _sampled_spread(D)
-    bins = _bins(D, *_bin_scale(d, n, mn, mx))
-    hist = torch.bincount(bins.view(-1), minlength=c * _nbins)
-    excl = torch.cat([torch.masked_select(bins.gather(1, cols), same), bins.index_select(1, gal.junk).view(-1)]).long()
-    hist.index_add_(0, excl, torch.full_like(excl, -1))        # the query's identity and junk are no negatives
-    cum = hist.view(c, _nbins).cumsum(1).view(-1)
-    lower, bpos = _negatives_before(bins, cum, pcols, pos)
-    flat = _flat_rows(D, mn, mx)                                # one bin holds the whole row: order by index instead
-    within = _within_bin(D, bins, bpos, pos.index_fill(0, flat, False), qp, qc, gal)
-    if len(flat): within.index_copy_(0, flat, _negatives_at_lower_index(flat, qp, pcols, pos, gal))
+    flat = _flat_rows(D, mn, mx)                                # all distances equal: the gallery order decides
+    if len(flat) == len(D): before = _negatives_at_lower_index(flat, qp, pcols, pos, gal)
+    else:
+        before = _binned_negatives(D, d, pcols, pos.index_fill(0, flat, False), cols, same, n, mn, mx, qp, gal)
+        if len(flat): before.index_copy_(0, flat, _negatives_at_lower_index(flat, qp, pcols, pos, gal))
     i = torch.arange(1, pos.shape[1] + 1, device=D.device)
-    return torch.where(pos, i + lower + within, 0), n
+    return torch.where(pos, i + before, 0), n
 
 # %% ../nbs/00_metrics.ipynb #1c0d38bb
 def _query_scores(ranks, n, ap):
@@ -297,20 +315,21 @@ def _query_scores(ranks, n, ap):
     return ranks[:, 0], aps, inp
 
 # %% ../nbs/00_metrics.ipynb #571b1cbb
-_m32, _repeats = 0xFFFFFFFF, 10
+_repeats, _draw_block = 10, 64   # draws per query; queries per generator, so a query's draws do not depend on the chunks
 
-def _mul32(x, k):
-    "(x * k) mod 2**32 for int64 `x` in [0, 2**32), without int64 overflow"
-    return ((x & 0xFFFF) * k + ((((x >> 16) * k) & 0xFFFF) << 16)) & _m32
-
-def _fmix32(h):
-    "murmur3's finaliser: a bijective mix of the 32 bits of `h`"
-    h = h ^ (h >> 16); h = _mul32(h, 0x85EBCA6B); h = h ^ (h >> 13); h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
+def _uniform_draws(seed, a, b, n):
+    "(b-a, `_repeats`, `n`) uniforms in [0, 1) for the queries `a`..`b-1`: a CPU generator per block of queries, seeded by (seed, block)"
+    out = []
+    for block in range(a // _draw_block, (b - 1) // _draw_block + 1):
+        state = np.random.SeedSequence([seed % 2**64, block]).generate_state(1, np.uint64)[0]
+        u = torch.rand(_draw_block, _repeats, n, generator=torch.Generator().manual_seed(int(state)))
+        s = block * _draw_block
+        out.append(u[max(a, s) - s:min(b, s + _draw_block) - s])
+    return torch.cat(out)
 
 def _draw(u, n):
-    "A uniform int in [0, n) from the 32 random bits `u`"
-    return (u * n) >> 32
+    "A uniform int in [0, `n`) from the uniforms `u` in [0, 1)"
+    return torch.minimum((u * n).long(), (n - 1).clamp_min(0))
 
 # %% ../nbs/00_metrics.ipynb #c37cd253
 def _ahead(d, cols, dq, qcol):
@@ -329,15 +348,12 @@ def _sampled_ranks(D, q0, qc, j, n, gal, seed):
     "Rank of the drawn true match among one drawn image per identity (and every distractor), per row and repeat"
     c = len(D); dev = D.device
     before, same = _own_draw_layout(gal, qc, j)
-    hj = _fmix32(torch.arange(len(gal.uids), device=dev) ^ 0x5BD1E995)
-    qg = torch.arange(q0, q0 + c, device=dev)
+    u = _uniform_draws(seed, q0, q0 + c, len(gal.uids)).to(dev)
     dd, dcols = D.index_select(1, gal.distractors), gal.distractors
     out = []
     for rep in range(_repeats):
-        hq = _fmix32(qg ^ int(_fmix32((seed * 0x9E3779B1 + rep * 0x632BE5AB) & _m32)))
-        u = _fmix32(hq[:, None] ^ hj)
-        cols = _at(gal.by_cam, gal.start + _draw(u, gal.count))
-        k = _draw(u.gather(1, j[:, None]).squeeze(1), n)
+        cols = _at(gal.by_cam, gal.start + _draw(u[:, rep], gal.count))
+        k = _draw(u[:, rep].gather(1, j[:, None]).squeeze(1), n)
         own = _at(gal.by_cam, (_at(gal.start, j) + torch.where(k < before, k, k + same)).clamp_max_(len(gal.by_cam) - 1))
         cols.scatter_(1, j[:, None], own[:, None])
         dq = D.gather(1, own[:, None])
@@ -349,24 +365,27 @@ def _sampled_ranks(D, q0, qc, j, n, gal, seed):
 class ReIDResult:
     "Retrieval metrics of a ReID evaluation: the CMC curve, mAP and mINP, and how many queries counted"
     def __init__(self,
-                 cmc:Tensor, # CMC curve: 1-D float64 CPU tensor of length `max_rank`, fractions in [0, 1]
+                 cmc:Tensor, # CMC curve: 1-D float64 CPU tensor, fractions in [0, 1], up to `max_rank` or the gallery size
                  mAP:float, # mean average precision
                  mINP:float, # mean inverse negative penalty
                  n_valid:int, # queries evaluated
                  n_skipped:int, # queries with no true match in their valid gallery
                  protocol:str='market1501', # protocol used
                  ap:str='standard', # AP definition used
-                ): store_attr()
+                 max_rank:int|None=None, # ranks `rank` answers for (default: the length of `cmc`)
+                ):
+        store_attr()
+        if max_rank is None: self.max_rank = len(cmc)
 
     def rank(self, k:int): # rank, from 1 to `max_rank`
         "CMC at rank `k`: the fraction of valid queries with a true match among the first `k`"
         k = _check_int(k, 'k', 1)
-        if k > len(self.cmc): raise ValueError(f"k must be <= {len(self.cmc)} (the max_rank of this result), got {k}")
-        return float(self.cmc[k - 1])
+        if k > self.max_rank: raise ValueError(f"k must be <= {self.max_rank} (the max_rank of this result), got {k}")
+        return float(self.cmc[min(k, len(self.cmc)) - 1])   # past the gallery's size the curve stays at its last value
 
     def as_dict(self):
         "The metrics as plain Python numbers (rank-1/5/10 up to `max_rank`), for logs and JSON"
-        ranks = {f'rank{k}': self.rank(k) for k in (1, 5, 10) if k <= len(self.cmc)}
+        ranks = {f'rank{k}': self.rank(k) for k in (1, 5, 10) if k <= self.max_rank}
         return {'mAP': float(self.mAP), 'mINP': float(self.mINP), **ranks,
                 'n_valid': int(self.n_valid), 'n_skipped': int(self.n_skipped)}
 
@@ -378,10 +397,20 @@ class ReIDResult:
 
 # %% ../nbs/00_metrics.ipynb #137f14b7
 def _chunk_rows(chunk_size, ng, align, device):
-    "Query rows per chunk: `chunk_size`, else about 2M distances (cache-sized) on CPU, 32M on GPU; at most `_max_rows`"
+    "Query rows per chunk: `chunk_size`, else about 1M distances (cache-sized) on CPU, 32M on GPU; at most `_max_rows`"
     if chunk_size is not None: return min(_check_int(chunk_size, 'chunk_size', 1), _max_rows)
-    rows = max(1, min((2**21 if device.type == 'cpu' else 2**25) // ng, _max_rows))
+    rows = max(1, min((2**20 if device.type == 'cpu' else 2**25) // ng, _max_rows))
     return max(align, rows - rows % align)
+
+def _map_chunks(f, starts, device):
+    "`[f(a) for a in starts]`; on CPU one chunk per torch thread at a time, each chunk single-threaded"
+    n = min(torch.get_num_threads(), len(starts)) if device.type == 'cpu' else 1
+    if n <= 1: return [f(a) for a in starts]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                    # small ops on shared cores: threads would wait for each other
+    try:
+        with ThreadPoolExecutor(n) as ex: return list(ex.map(f, starts))
+    finally: torch.set_num_threads(threads)
 
 def _all_skipped(nq):
     return ValueError(f"no query has a true match in the gallery (all {nq} queries skipped): check that q_pids and "
@@ -392,22 +421,21 @@ def _evaluate(rows, nq, qp, gp, qc, gc, max_rank, protocol, ap, chunk, seed, nam
     gal = _Gallery(gp, gc)
     j, has = gal.find(qp)
     if not has.any(): raise _all_skipped(nq)
-    firsts, aps, inps, sampled = [], [], [], []
-    for a in range(0, nq, chunk):
+    def scores(a):
         b = min(a + chunk, nq)
         D = rows(a, b).contiguous()
         _check_finite(D, name)
         ranks, n = _match_ranks(D, qp[a:b], qc[a:b], j[a:b], has[a:b], gal)
-        v = n > 0
-        vi = v.nonzero().squeeze(1)
-        for l, s in zip((firsts, aps, inps), _query_scores(ranks.index_select(0, vi), _at(n, vi), ap)): l.append(s)
-        if protocol == 'cuhk03': sampled.append(_sampled_ranks(D, a, qc[a:b], j[a:b], n, gal, seed).index_select(0, vi))
-    first, apq, inp = (torch.cat(l) for l in (firsts, aps, inps))
+        vi = (n > 0).nonzero().squeeze(1)
+        first, aps, inps = _query_scores(ranks.index_select(0, vi), _at(n, vi), ap)
+        drawn = _sampled_ranks(D, a, qc[a:b], j[a:b], n, gal, seed).index_select(0, vi) if protocol == 'cuhk03' else first
+        return first, aps, inps, drawn
+    first, apq, inp, drawn = (torch.cat(l) for l in zip(*_map_chunks(scores, range(0, nq, chunk), qp.device)))
     if not len(first): raise _all_skipped(nq)
-    r = torch.cat(sampled).view(-1) if sampled else first
-    hits = torch.bincount(r.clamp_max(max_rank + 1), minlength=max_rank + 2)[1:max_rank + 1]
-    cmc = (hits.cumsum(0).double() / len(r)).cpu()
-    return ReIDResult(cmc, float(apq.mean()), float(inp.mean()), len(first), nq - len(first), protocol, ap)
+    n = min(max_rank, len(gp))                                  # no rank beyond the gallery: the curve is 1 there
+    hits = torch.bincount(drawn.view(-1).clamp_max(n + 1), minlength=n + 2)[1:n + 1]
+    cmc = (hits.cumsum(0).double() / drawn.numel()).cpu()
+    return ReIDResult(cmc, float(apq.mean()), float(inp.mean()), len(first), nq - len(first), protocol, ap, max_rank)
 
 # %% ../nbs/00_metrics.ipynb #97ee534b
 def _check_opts(max_rank, protocol, ap, seed):
@@ -419,7 +447,7 @@ def reid_metrics_from_dist(distmat, # (n_query, n_gallery) distances, smaller is
                            g_pids, # identity of each gallery image (-1 junk, 0 distractor)
                            q_camids, # camera of each query
                            g_camids, # camera of each gallery image
-                           max_rank:int=50, # length of the CMC curve
+                           max_rank:int=50, # length of the CMC curve (at most the gallery size)
                            protocol:str='market1501', # 'market1501' or 'cuhk03' (single-gallery-shot CMC)
                            ap:str='standard', # 'standard' (non-interpolated) or 'trapezoid' (reference script)
                            chunk_size:int|None=None, # queries per chunk (None: bounded by a memory budget)
@@ -439,7 +467,7 @@ def reid_metrics(query_feats, # (n_query, dim) features
                  g_pids, # identity of each gallery image (-1 junk, 0 distractor)
                  q_camids, # camera of each query
                  g_camids, # camera of each gallery image
-                 max_rank:int=50, # length of the CMC curve
+                 max_rank:int=50, # length of the CMC curve (at most the gallery size)
                  dist:str='cosine', # 'cosine' or 'euclidean' (see `reid_dist`)
                  protocol:str='market1501', # 'market1501' or 'cuhk03' (single-gallery-shot CMC)
                  ap:str='standard', # 'standard' (non-interpolated) or 'trapezoid' (reference script)

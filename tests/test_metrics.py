@@ -1,10 +1,11 @@
 "Tests of fastreid_rollback.metrics against an independent per-query reference, and its failure cases"
 import json, math, re
+from functools import partial
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score
 from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, ReIDResult, plot_cmc, protocol_mask
+from fastreid_rollback.test_utils import ref_query, ref_metrics, rand_ids, random_problems, agrees_with_reference, same_result
 
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
@@ -18,50 +19,6 @@ def test_fail(f, contains):
     with pytest.raises(ValueError, match=re.escape(contains)): f()
 test_fail.__test__ = False
 
-# ---------------------------------------------------------------- the reference: one query at a time, numpy only
-def ref_query(d, qp, qc, gp, gc):
-    "(valid gallery indices in ranked order, true-match mask in that order, valid indices) for one query"
-    idx = np.nonzero((gp != -1) & ~((gp == qp) & (gc == qc)))[0]
-    order = idx[np.lexsort((idx, d[idx]))]          # by distance, ties by gallery index
-    return order, (gp[order] == qp) & (qp > 0), idx
-
-def ref_metrics(D, qp, gp, qc, gc, max_rank=50, ap='standard', sklearn_ap=False):
-    "CMC, mAP, mINP, n_valid, n_skipped of the Market-1501 protocol, straight from the definitions"
-    hits, aps, inps, skipped = np.zeros(max_rank), [], [], 0
-    for q in range(len(D)):
-        order, match, idx = ref_query(D[q], qp[q], qc[q], gp, gc)
-        if not match.any(): skipped += 1; continue
-        pos = np.nonzero(match)[0]                   # 0-based positions of the true matches
-        if pos[0] < max_rank: hits[pos[0]:] += 1
-        if sklearn_ap: a = average_precision_score((gp[idx] == qp[q]) & (qp[q] > 0), -D[q, idx])
-        elif ap == 'standard': a = np.mean([(i + 1) / (r + 1) for i, r in enumerate(pos)])
-        else: a = np.mean([((i + 1) / (r + 1) + (i / r if r > 0 else 1.)) / 2 for i, r in enumerate(pos)])
-        aps.append(a); inps.append(len(pos) / (pos[-1] + 1))
-    nv = len(aps)
-    return hits / max(nv, 1), (np.mean(aps) if nv else None), (np.mean(inps) if nv else None), nv, skipped
-
-def rand_ids(rng, nq, ng, n_ids, n_cams, junk=.1, distract=.1, absent=2):
-    "Random ids: repeated identities, junk, distractors, queries whose identity is not in the gallery"
-    gp = rng.integers(1, n_ids + 1, ng)
-    u = rng.random(ng)
-    gp[u < junk] = -1; gp[(u >= junk) & (u < junk + distract)] = 0
-    return (rng.integers(1, n_ids + 1 + absent, nq), gp, rng.integers(0, n_cams, nq), rng.integers(0, n_cams, ng))
-
-def problems(n, seed=0):
-    "`n` random problems of varied shapes (tiny, uneven, single camera, many ids, few ids)"
-    rng = np.random.default_rng(seed)
-    for k in range(n):
-        nq, ng = int(rng.integers(1, 40)), int(rng.integers(1, 300))
-        n_ids, n_cams = int(rng.integers(1, 30)), (1 if k % 7 == 0 else int(rng.integers(1, 7)))
-        ids = rand_ids(rng, nq, ng, n_ids, n_cams, junk=rng.random() * .3, distract=rng.random() * .3)
-        yield rng, ids
-
-def check_close(res, ref, tol=1e-6):
-    cmc, mAP, mINP, nv, ns = ref
-    assert (res.n_valid, res.n_skipped) == (nv, ns)
-    np.testing.assert_allclose(res.cmc.numpy(), cmc, atol=tol, rtol=0)
-    assert abs(res.mAP - mAP) < tol and abs(res.mINP - mINP) < tol
-
 def run_ok(f, *args, **kw):
     "The result of `f`, or None when every query is skipped (checked against the reference by the caller)"
     try: return f(*args, **kw)
@@ -72,20 +29,20 @@ def run_ok(f, *args, **kw):
 @pytest.mark.parametrize('ap', ['standard', 'trapezoid'])
 def test_agrees_with_reference_from_dist(ap):
     n_checked = 0
-    for rng, (qp, gp, qc, gc) in problems(250, seed=1 if ap == 'standard' else 2):
+    for rng, (qp, gp, qc, gc) in random_problems(250, seed=1 if ap == 'standard' else 2):
         D = rng.random((len(qp), len(gp)))              # float64, no ties: sklearn's AP is the standard AP
         if rng.random() < .3: D = D * 7 - 3.5            # negative distances are fine too
         max_rank = int(rng.choice([1, 5, 50, 400]))
         ref = ref_metrics(D, qp, gp, qc, gc, max_rank, ap, sklearn_ap=ap == 'standard')
         res = run_ok(reid_metrics_from_dist, torch.from_numpy(D), qp, gp, qc, gc, max_rank=max_rank, ap=ap)
         if ref[3] == 0: assert res is None; continue
-        check_close(res, ref); assert len(res.cmc) == max_rank
+        assert agrees_with_reference(res, ref); assert len(res.cmc) == min(max_rank, len(gp))
         n_checked += 1
     assert n_checked > 150
 
 @pytest.mark.parametrize('dist', ['cosine', 'euclidean'])
 def test_agrees_with_reference_from_features(dist):
-    for rng, (qp, gp, qc, gc) in problems(60, seed=3):
+    for rng, (qp, gp, qc, gc) in random_problems(60, seed=3):
         dim = int(rng.integers(1, 16))
         centres = rng.normal(size=(int(max(qp.max(), gp.max())) + 2, dim))
         qf = centres[qp + 1] + rng.normal(size=(len(qp), dim)) * rng.random() * 3   # identity centres plus noise
@@ -96,7 +53,7 @@ def test_agrees_with_reference_from_features(dist):
         res = run_ok(reid_metrics, qf, gf, torch.tensor(qp), torch.tensor(gp), torch.tensor(qc), torch.tensor(gc),
                      max_rank=20, dist=dist)
         if ref[3] == 0: assert res is None; continue
-        check_close(res, ref)
+        assert agrees_with_reference(res, ref)
 
 def test_reid_dist_matches_numpy():
     rng = np.random.default_rng(4)
@@ -123,7 +80,7 @@ def test_ties_broken_by_gallery_index_hand_made():
 
 def check_ties_against_reference(n, seed, device='cpu'):
     "`n` random problems with a few distinct distances (float32 and float64 in turn, some signed) against the reference"
-    for k, (rng, (qp, gp, qc, gc)) in enumerate(problems(n, seed=seed)):
+    for k, (rng, (qp, gp, qc, gc)) in enumerate(random_problems(n, seed=seed)):
         D = np.round(rng.random((len(qp), len(gp))) * rng.integers(1, 6)) / 4   # a few distinct values only
         if k % 3 == 1: D = 0.5 - D            # signed distances, with -0.0 beside 0.0 (equal: a tie)
         dtype = torch.float64 if k % 2 else torch.float32
@@ -131,7 +88,7 @@ def check_ties_against_reference(n, seed, device='cpu'):
             ref = ref_metrics(D, qp, gp, qc, gc, 10, ap)
             res = run_ok(reid_metrics_from_dist, torch.tensor(D, dtype=dtype, device=device), qp, gp, qc, gc, max_rank=10, ap=ap)
             if ref[3] == 0: assert res is None; continue
-            check_close(res, ref)
+            assert agrees_with_reference(res, ref)
 
 def test_ties_random_against_reference(): check_ties_against_reference(150, seed=5)
 
@@ -141,8 +98,16 @@ def test_ties_in_large_rows_against_reference():
     mixed = np.where(rng.random((40, 1)) < .5, rng.random((40, 1)), np.round(rng.random((40, 3000)) * 10) / 10)
     for D in (np.ones((40, 3000)), np.round(rng.random((40, 3000)) * 10) / 10 - .5, rng.integers(0, 65, (40, 3000)) / 64, mixed):
         for dtype in (torch.float32, torch.float64):
-            check_close(reid_metrics_from_dist(torch.tensor(D, dtype=dtype), qp, gp, qc, gc, chunk_size=16),
+            assert agrees_with_reference(reid_metrics_from_dist(torch.tensor(D, dtype=dtype), qp, gp, qc, gc, chunk_size=16),
                         ref_metrics(D, qp, gp, qc, gc))
+
+def test_float64_distances_float32_cannot_tell_apart():
+    "float64 distances closer than float32's precision are ranked exactly (the bins, in int32, only need to be monotone)"
+    rng = np.random.default_rng(24)
+    qp, gp, qc, gc = rand_ids(rng, 30, 500, 20, 3)
+    for scale in (1e-12, 1e-7):
+        D = 0.5 + rng.integers(0, 50, (30, 500)) * scale             # 50 distinct float64 values, one or a few in float32
+        assert agrees_with_reference(reid_metrics_from_dist(torch.tensor(D), qp, gp, qc, gc, chunk_size=7), ref_metrics(D, qp, gp, qc, gc))
 
 def test_row_equal_but_for_an_entry_the_sample_misses():
     "A row of equal distances but for one slightly farther distractor: ranked by distance, not by gallery index"
@@ -156,7 +121,7 @@ def test_all_distances_equal():
     qc, gc = torch.zeros(2, dtype=torch.long), torch.ones(5, dtype=torch.long)
     r = reid_metrics(torch.zeros(2, 4), torch.zeros(5, 4), qp, gp, qc, gc, max_rank=5)   # every distance is 1
     ref = ref_metrics(np.ones((2, 5)), qp.numpy(), gp.numpy(), qc.numpy(), gc.numpy(), 5)
-    check_close(r, ref)
+    assert agrees_with_reference(r, ref)
 
 # ---------------------------------------------------------------- chunking and the two entry points
 def trained_like(seed, nq=150, ng=700, n_ids=60, n_cams=4, dim=32, noise=.8):
@@ -166,48 +131,59 @@ def trained_like(seed, nq=150, ng=700, n_ids=60, n_cams=4, dim=32, noise=.8):
     f = lambda p: torch.tensor(centres[p + 1] + noise * rng.normal(size=(len(p), dim)), dtype=torch.float32)
     return f(qp), f(gp), *(torch.tensor(x) for x in (qp, gp, qc, gc))
 
-def same_result(a, b, tol=0.):
-    "The same CMC and counts, and mAP and mINP within `tol` (0: equal)"
-    assert torch.equal(a.cmc, b.cmc) and abs(a.mAP - b.mAP) <= tol and abs(a.mINP - b.mINP) <= tol
-    assert (a.n_valid, a.n_skipped) == (b.n_valid, b.n_skipped)
-
 @pytest.mark.parametrize('protocol', ['market1501', 'cuhk03'])
 def test_chunk_size_does_not_change_the_result(protocol):
     qf, gf, *ids = trained_like(6)
     base = reid_metrics(qf, gf, *ids, protocol=protocol)
     for cs in (1, 7, 64, 100, 149, 1000):
-        same_result(base, reid_metrics(qf, gf, *ids, protocol=protocol, chunk_size=cs))
+        assert same_result(base, reid_metrics(qf, gf, *ids, protocol=protocol, chunk_size=cs))
     D = reid_dist(qf, gf)
     for cs in (None, 1, 13, 150):
-        same_result(base, reid_metrics_from_dist(D, *ids, protocol=protocol, chunk_size=cs))
+        assert same_result(base, reid_metrics_from_dist(D, *ids, protocol=protocol, chunk_size=cs))
+
+def test_threads_do_not_change_the_result():
+    "On CPU the chunks are spread over torch's threads, each chunk on one: the numbers of one thread, the setting restored"
+    qf, gf, *ids = trained_like(19, nq=300)
+    D = reid_dist(qf, gf)
+    D[::7, ::3] = D[::7, ::3].half().float()                     # ties in some rows
+    runs = lambda: [f(*ids, protocol=p, chunk_size=cs) for p in ('market1501', 'cuhk03')
+                    for f, cs in ((partial(reid_metrics_from_dist, D), 16), (partial(reid_metrics, qf, gf), 64))]
+    base = runs()
+    bad = D.clone(); bad[250, 3] = math.nan                      # in a late chunk
+    torch.set_num_threads(2)
+    try:
+        for a, b in zip(base, runs()): assert same_result(a, b)
+        test_fail(lambda: reid_metrics_from_dist(bad, *ids, chunk_size=16), contains='distmat')
+        assert torch.get_num_threads() == 2
+    finally: torch.set_num_threads(1)
 
 @pytest.mark.parametrize('dist', ['cosine', 'euclidean'])
 def test_from_features_equals_from_dist(dist):
     qf, gf, *ids = trained_like(7)
     for ap in ('standard', 'trapezoid'):
-        same_result(reid_metrics(qf, gf, *ids, dist=dist, ap=ap, chunk_size=33),
+        assert same_result(reid_metrics(qf, gf, *ids, dist=dist, ap=ap, chunk_size=33),
                     reid_metrics_from_dist(reid_dist(qf, gf, dist), *ids, ap=ap))
 
 def test_non_contiguous_and_half_distances():
     qf, gf, *ids = trained_like(18, nq=40, ng=120)
     D = reid_dist(qf, gf)
-    same_result(reid_metrics_from_dist(D, *ids), reid_metrics_from_dist(D.T.contiguous().T, *ids, chunk_size=9))
+    assert same_result(reid_metrics_from_dist(D, *ids), reid_metrics_from_dist(D.T.contiguous().T, *ids, chunk_size=9))
     Dh = D.half()                                        # half precision is evaluated in float32 (many ties)
-    check_close(reid_metrics_from_dist(Dh, *ids), ref_metrics(Dh.double().numpy(), *(x.numpy() for x in ids)))
+    assert agrees_with_reference(reid_metrics_from_dist(Dh, *ids), ref_metrics(Dh.double().numpy(), *(x.numpy() for x in ids)))
 
 def test_numpy_and_list_inputs():
     qf, gf, qp, gp, qc, gc = trained_like(8, nq=20, ng=60)
     base = reid_metrics(qf, gf, qp, gp, qc, gc)
-    same_result(base, reid_metrics(qf.numpy(), gf.numpy(), qp.numpy(), gp.tolist(), qc.tolist(), gc.numpy()))
-    same_result(base, reid_metrics_from_dist(reid_dist(qf, gf).numpy(), qp.tolist(), gp.numpy(), qc, gc))
+    assert same_result(base, reid_metrics(qf.numpy(), gf.numpy(), qp.numpy(), gp.tolist(), qc.tolist(), gc.numpy()))
+    assert same_result(base, reid_metrics_from_dist(reid_dist(qf, gf).numpy(), qp.tolist(), gp.numpy(), qc, gc))
 
 def test_float64_features_and_integer_distances():
     qf, gf, *ids = trained_like(9, nq=30, ng=90)
     r64 = reid_metrics(qf.double(), gf.double(), *ids)
     D = reid_dist(qf.double(), gf.double()).numpy()
-    check_close(r64, ref_metrics(D, *(x.numpy() for x in ids)))
+    assert agrees_with_reference(r64, ref_metrics(D, *(x.numpy() for x in ids)))
     Di = torch.randint(0, 4, (30, 90))                  # integer distances (many ties) are accepted
-    check_close(reid_metrics_from_dist(Di, *ids), ref_metrics(Di.double().numpy(), *(x.numpy() for x in ids)))
+    assert agrees_with_reference(reid_metrics_from_dist(Di, *ids), ref_metrics(Di.double().numpy(), *(x.numpy() for x in ids)))
 
 # ---------------------------------------------------------------- protocol details
 def test_skipped_queries_and_max_rank_clamped():
@@ -217,8 +193,9 @@ def test_skipped_queries_and_max_rank_clamped():
     # query 0: col 1 removed (same id, same cam); col 0 true match; valid gallery by distance: 2, 0 -> rank 2
     # query 1: col 2 removed, no true match left: skipped; query 2 is a distractor query: skipped
     assert (r.n_valid, r.n_skipped) == (1, 2)
-    assert r.cmc.tolist() == [0.] + [1.] * 9 and len(r.cmc) == 10       # padded with its last value
-    assert r.mAP == .5 and r.mINP == .5 and r.rank(10) == 1.
+    assert r.cmc.tolist() == [0., 1., 1.]                              # the curve stops at the gallery size
+    assert r.mAP == .5 and r.mINP == .5 and r.rank(10) == 1. and r.as_dict()['rank10'] == 1.
+    test_fail(lambda: r.rank(11), contains='max_rank')
 
 def test_junk_removed_and_distractors_negative():
     D = torch.tensor([[.1, .2, .3]])
@@ -271,7 +248,7 @@ def test_cuhk03_agrees_with_its_definition():
 def test_cuhk03_seeded():
     qf, gf, *ids = trained_like(11, noise=2.)
     a, b = (reid_metrics(qf, gf, *ids, protocol='cuhk03', seed=3) for _ in range(2))
-    same_result(a, b)
+    assert same_result(a, b)
     assert not torch.equal(a.cmc, reid_metrics(qf, gf, *ids, protocol='cuhk03', seed=4).cmc)
 
 def test_cuhk03_one_image_per_identity_is_market():
@@ -279,7 +256,7 @@ def test_cuhk03_one_image_per_identity_is_market():
     gp = np.concatenate([rng.permutation(np.arange(1, 41)), np.zeros(10, int)])   # one image per id + distractors
     gc, qp, qc = np.ones(50, int), rng.integers(1, 45, 30), np.zeros(30, int)
     D = torch.rand(30, 50, dtype=torch.float64)
-    same_result(reid_metrics_from_dist(D, qp, gp, qc, gc, protocol='cuhk03'), reid_metrics_from_dist(D, qp, gp, qc, gc))
+    assert same_result(reid_metrics_from_dist(D, qp, gp, qc, gc, protocol='cuhk03'), reid_metrics_from_dist(D, qp, gp, qc, gc))
 
 # ---------------------------------------------------------------- the result object and the plot
 def test_result_api():
@@ -305,19 +282,19 @@ def test_plot_cmc():
 
 # ---------------------------------------------------------------- the protocol as a mask
 def test_protocol_mask_is_the_valid_gallery():
-    for rng, (qp, gp, qc, gc) in problems(60, seed=20):
+    for rng, (qp, gp, qc, gc) in random_problems(60, seed=20):
         m = protocol_mask(torch.tensor(qp), torch.tensor(gp), torch.tensor(qc), torch.tensor(gc))
         assert m.shape == (len(qp), len(gp)) and m.dtype == torch.bool
         for q in range(len(qp)): assert m[q].nonzero().squeeze(1).tolist() == ref_query(np.zeros(len(gp)), qp[q], qc[q], gp, gc)[2].tolist()
     assert torch.equal(protocol_mask(list(qp), gp, qc.tolist(), gc), m)   # lists and numpy arrays
 
 def test_protocol_mask_leaves_out_what_the_metrics_ignore():
-    for rng, (qp, gp, qc, gc) in problems(60, seed=21):
+    for rng, (qp, gp, qc, gc) in random_problems(60, seed=21):
         D = torch.tensor(np.round(rng.random((len(qp), len(gp))) * 8) / 8)
         res = run_ok(reid_metrics_from_dist, D, qp, gp, qc, gc, max_rank=10)
         if res is None: continue
         m = protocol_mask(qp, gp, qc, gc)
-        for fill in (0, 2): same_result(reid_metrics_from_dist(D.masked_fill(~m, fill), qp, gp, qc, gc, max_rank=10), res)
+        for fill in (0, 2): assert same_result(reid_metrics_from_dist(D.masked_fill(~m, fill), qp, gp, qc, gc, max_rank=10), res)
 
 def test_protocol_mask_errors():
     test_fail(lambda: protocol_mask([1, 2], [1, 2], [0], [0, 0]), contains='q_camids')
@@ -373,18 +350,91 @@ def test_bad_input_errors():
 # ---------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_agrees_with_reference():
-    for rng, (qp, gp, qc, gc) in problems(40, seed=16):
+    for rng, (qp, gp, qc, gc) in random_problems(40, seed=16):
         D = rng.random((len(qp), len(gp)))
         ref = ref_metrics(D, qp, gp, qc, gc, 20, sklearn_ap=True)
         res = run_ok(reid_metrics_from_dist, torch.tensor(D, device='cuda'), qp, gp, qc, gc, max_rank=20)
         if ref[3] == 0: assert res is None; continue
-        check_close(res, ref)
+        assert agrees_with_reference(res, ref)
     qf, gf, *ids = trained_like(17)
     D = reid_dist(qf.cuda(), gf.cuda())
-    check_close(reid_metrics(qf.cuda(), gf.cuda(), *ids, chunk_size=50), ref_metrics(D.double().cpu().numpy(), *(x.numpy() for x in ids)))
+    assert agrees_with_reference(reid_metrics(qf.cuda(), gf.cuda(), *ids, chunk_size=50), ref_metrics(D.double().cpu().numpy(), *(x.numpy() for x in ids)))
     for protocol in ('market1501', 'cuhk03'):             # the draws do not depend on the device
-        same_result(reid_metrics_from_dist(D.cpu(), *ids, protocol=protocol), reid_metrics_from_dist(D, *ids, protocol=protocol),
-                    tol=1e-12)                           # the means are reduced in another order there
+        assert same_result(reid_metrics_from_dist(D.cpu(), *ids, protocol=protocol), reid_metrics_from_dist(D, *ids, protocol=protocol),
+                           tol=1e-12)                    # the means are reduced in another order there
     check_ties_against_reference(40, seed=18, device='cuda')
     m = protocol_mask(*(x.cuda() for x in ids))
     assert m.is_cuda and torch.equal(m.cpu(), protocol_mask(*ids))
+
+# ---------------------------------------------------------------- argument checking, property-based
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+examples = settings(max_examples=150, deadline=None)
+odd_values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=4),
+                       st.sampled_from(['cosine', 'euclidean', 'market1501', 'cuhk03', 'standard', 'trapezoid']),
+                       st.lists(st.integers(-3, 3), max_size=3), st.integers(-5, 5).map(np.int64),
+                       st.integers(-5, 5).map(torch.tensor), st.just(torch.tensor([1, 2])), st.just(object()))
+
+def valid_problem(nq=6, ng=20, dim=4):
+    "Features and ids where every query has true matches (identities 1-5, the queries on a camera of their own)"
+    g = torch.Generator().manual_seed(nq * ng)
+    qp, gp = torch.arange(nq) % 5 + 1, torch.arange(ng) % 5 + 1
+    return torch.randn(nq, dim, generator=g), torch.randn(ng, dim, generator=g), qp, gp, torch.full((nq,), 9), torch.arange(ng) % 3
+
+def ok_or_names(f, name):
+    "`f()`'s result, or None after a ValueError whose message names `name`; any other exception fails the test"
+    try: return f()
+    except ValueError as e: assert name in str(e), (name, str(e)); return None
+
+@examples
+@given(name=st.sampled_from(['max_rank', 'chunk_size', 'seed', 'protocol', 'ap', 'dist']), value=odd_values)
+def test_any_option_gives_a_result_or_an_error_naming_it(name, value):
+    qf, gf, *ids = valid_problem(12, 40)
+    r = ok_or_names(lambda: reid_metrics(qf, gf, *ids, **{name: value}), name)
+    if r is None: return
+    assert isinstance(r, ReIDResult) and 0 <= r.mAP <= 1 and len(r.cmc) <= 40
+    if name == 'max_rank': assert len(r.cmc) == min(int(value), 40) and r.rank(int(value)) == r.cmc[-1]
+
+dtypes = st.sampled_from(['int8', 'int16', 'int32', 'int64', 'uint8', 'float16', 'float32', 'float64', 'bool', 'complex64'])
+
+@st.composite
+def arrays(draw, shape):
+    "A numpy array of about `shape` (or another rank), any dtype; small integers or any values of the dtype"
+    dt = np.dtype(draw(dtypes))
+    shapes = st.one_of(st.just(shape), hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=max(shape) + 2))
+    small_ints = st.integers(0 if dt.kind == 'u' else -3, 5)
+    return draw(hnp.arrays(dt, draw(shapes), elements=small_ints if dt.kind in 'iu' and draw(st.booleans()) else None))
+
+def as_kind(a, kind):
+    "`a` as a numpy array, a tensor or a nested list"
+    return a if kind == 'numpy' else torch.from_numpy(a) if kind == 'tensor' else a.tolist()
+
+@examples
+@given(name=st.sampled_from(['q_pids', 'g_pids', 'q_camids', 'g_camids']), data=st.data(), kind=st.sampled_from(['numpy', 'tensor', 'list']))
+def test_any_ids_give_a_result_or_an_error_naming_them(name, data, kind):
+    qf, gf, qp, gp, qc, gc = valid_problem()
+    ids = dict(q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc)
+    ids[name] = as_kind(data.draw(arrays((6 if name[0] == 'q' else 20,))), kind)
+    for f in (lambda: reid_metrics(qf, gf, **ids), lambda: reid_metrics_from_dist(reid_dist(qf, gf), **ids)):
+        r = ok_or_names(f, name)                          # "all queries skipped" names all four
+        if r is not None: assert isinstance(r, ReIDResult) and 0 <= r.mAP <= 1
+
+@examples
+@given(name=st.sampled_from(['query_feats', 'gallery_feats', 'distmat']), data=st.data(), kind=st.sampled_from(['numpy', 'tensor', 'list']))
+def test_any_matrix_gives_a_result_or_an_error_naming_it(name, data, kind):
+    qf, gf, *ids = valid_problem()
+    args = dict(query_feats=qf, gallery_feats=gf) if name != 'distmat' else dict(distmat=reid_dist(qf, gf))
+    args[name] = as_kind(data.draw(arrays(tuple(args[name].shape))), kind)
+    f = reid_metrics if name != 'distmat' else reid_metrics_from_dist
+    r = ok_or_names(lambda: f(**args, q_pids=ids[0], g_pids=ids[1], q_camids=ids[2], g_camids=ids[3]), name)
+    if r is not None: assert isinstance(r, ReIDResult) and 0 <= r.mAP <= 1
+
+def test_max_rank_beyond_the_gallery_and_the_meta_device():
+    qf, gf, *ids = trained_like(23, nq=10, ng=30)
+    r = reid_metrics(qf, gf, *ids, max_rank=10**9)       # capped at the gallery size, not 8 GB of CMC
+    assert len(r.cmc) == 30 and r.cmc[-1] == 1 and r.rank(10**9) == 1 and r.max_rank == 10**9
+    test_fail(lambda: reid_metrics(qf.to('meta'), gf, *ids), contains='query_feats')
+    test_fail(lambda: reid_metrics_from_dist(reid_dist(qf, gf).to('meta'), *ids), contains='distmat')
+    test_fail(lambda: reid_metrics(qf, gf, ids[0].to('meta'), *ids[1:]), contains='q_pids')
+    test_fail(lambda: reid_metrics_from_dist(reid_dist(qf, gf).to_sparse(), *ids), contains='distmat')
