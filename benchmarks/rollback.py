@@ -7,10 +7,12 @@
    per-round time ratios. Target: under 2%. Each fit is 2 periods of 2 epochs, so it includes the callback's
    setup and one roll-back: a pessimistic case (the reference rolls back once every 40 epochs).
 
-Run: `.venv/bin/python benchmarks/rollback.py [--repeats 15] [--rounds 7] [--threads 1]`.
+Run: `.venv/bin/python benchmarks/rollback.py [--repeats 15] [--rounds 7] [--threads 1]`; it writes
+`benchmarks/results/rollback.json`, which the README quotes.
 The machine may be shared and noisy: read the medians and ratios, not single timings.
 """
-import argparse, time, warnings, statistics
+import argparse, json, os, time, warnings, statistics
+from pathlib import Path
 from functools import partial
 import torch
 from torch import nn
@@ -82,6 +84,7 @@ if __name__ == '__main__':
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    load = os.getloadavg()[0]
     print(f'torch {torch.__version__}, {a.threads} thread(s)')
     copy_s,full_s,n_par = bench_rollback(a.repeats)
     print(f'ResNet-50 roll-back of layer1..layer4 ({n_par/1e6:.1f}M values), median of {a.repeats}: '
@@ -90,3 +93,12 @@ if __name__ == '__main__':
     print(f'throughput, resnet18 64x32 bs16, {n_batches} training batches per fit, median of {a.rounds} interleaved rounds:')
     for k,v in med.items(): print(f'  {k:15s} {v:.2f} s per fit' + (f'   time ratio {ratios[k]:.4f} ({(ratios[k]-1)*100:+.2f}%)' if k in ratios else ''))
     print('target: RollbackCallback overhead < 2%')
+    res = dict(torch=torch.__version__, threads=a.threads, load_average_at_start=round(load, 2),
+               rollback=dict(arch='resnet50', blocks='layer1..layer4', values_m=round(n_par/1e6, 1), repeats=a.repeats,
+                             state_copy_ms=round(copy_s*1e3, 1), full_rollback_ms=round(full_s*1e3, 1)),
+               overhead=dict(arch='resnet18', size=[64, 32], bs=16, batches_per_fit=n_batches, rounds=a.rounds,
+                             median_fit_s={k:round(v, 3) for k,v in med.items()}, time_ratio={k:round(v, 4) for k,v in ratios.items()}))
+    out = Path(__file__).parent/'results'/'rollback.json'
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + '\n')
+    print(f'wrote {out}')
