@@ -4,7 +4,8 @@
 
 # %% ../nbs/03_model.ipynb #b558535c
 from __future__ import annotations
-import os, tempfile
+import os, secrets
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 import torch, torchvision
@@ -15,10 +16,10 @@ from fastcore.basics import store_attr, listify
 from fastai.torch_core import Module
 
 # %% auto #0
-__all__ = ['resnet_blocks', 'resnet_archs', 'create_backbone', 'weights_cache_file', 'load_backbone_weights', 'atomic_save',
-           'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'unwrap_model', 'block_names', 'block_modules',
-           'block_state', 'load_block_state', 'snapshot_blocks', 'reid_splitter', 'save_backbone', 'batch_hard_triplet',
-           'ReIDLoss']
+__all__ = ['resnet_blocks', 'resnet_archs', 'create_backbone', 'weights_cache_file', 'load_state_file', 'load_backbone_weights',
+           'atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'unwrap_model',
+           'block_names', 'block_modules', 'block_state', 'load_block_state', 'snapshot_blocks', 'reid_splitter',
+           'save_backbone', 'batch_hard_triplet', 'ReIDLoss']
 
 # %% ../nbs/03_model.ipynb #19ccafa4
 resnet_blocks = {'stem': ['conv1', 'bn1'], 'layer1': ['layer1'], 'layer2': ['layer2'],
@@ -74,9 +75,24 @@ def _check_keys(got, want, what):
     if missing or unexpected: raise ValueError(f"{what}: missing keys {missing[:6]}{' ...' if len(missing)>6 else ''} ({len(missing)}), "
                                                f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected)>6 else ''} ({len(unexpected)})")
     for k,v in want.items():
+        if not isinstance(got[k], Tensor): raise ValueError(f"{what}: key {k!r} holds a {type(got[k]).__name__}, expected a tensor")
         if got[k].shape != v.shape: raise ValueError(f"{what}: key {k!r} has shape {tuple(got[k].shape)}, expected {tuple(v.shape)}")
 
 # %% ../nbs/03_model.ipynb #fc3c051a
+def load_state_file(fn, # a file written by `torch.save`
+                    what:str, # how the error names the file, e.g. "pretrained='w.pth'"
+                    safe_globals:list=(), # classes allowed besides tensors and containers
+                   ) -> dict:
+    "The dict of tensors in `fn`, read with `weights_only=True`; a `ValueError` naming `fn` when it holds anything else"
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)): sd = torch.load(fn, map_location='cpu', weights_only=True)
+    except OSError: raise
+    except Exception as e: raise ValueError(f"{what}: not a state dict file: torch cannot read it as tensors ({type(e).__name__}); "
+                                            "expected a file written by torch.save(model.state_dict(), path)") from None
+    if not isinstance(sd, dict): raise ValueError(f"{what}: holds a {type(sd).__name__}, not a state dict; "
+                                                  "expected a file written by torch.save(model.state_dict(), path)")
+    return sd
+
 def load_backbone_weights(backbone:nn.Module, # the body to load into
                           pretrained, # True, a torchvision weights enum member or a local state-dict path
                           arch:str=None, # torchvision arch name, needed for `pretrained=True`
@@ -84,26 +100,33 @@ def load_backbone_weights(backbone:nn.Module, # the body to load into
     "Load `pretrained` weights into `backbone` from a local file (never downloads); returns the file"
     fn = _find_weights(pretrained, arch)
     want = backbone.state_dict()
-    sd = _backbone_entries(torch.load(fn, map_location='cpu', weights_only=True), want)
+    sd = _backbone_entries(load_state_file(fn, f"pretrained={str(fn)!r}"), want)
     _check_keys(sd, want, f"state-dict file {str(fn)!r} does not fit the backbone")
     backbone.load_state_dict(sd)
     return fn
 
 # %% ../nbs/03_model.ipynb #bfac9a4f
+def atomic_write(path, # file to write; its folder is created if needed
+                 write, # `write(f)` writes the content into the binary file object `f`
+                ):
+    "Write `path` through a new temporary file in the same folder: `path` is never half-written, and its mode is what the umask gives"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent/f'.{path.name}.{secrets.token_hex(6)}.tmp'
+    f = open(tmp, 'xb')  # a new file, mode 0666 less the umask (`tempfile.mkstemp`'s 0600 would survive the rename)
+    try:
+        with f: write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
 def atomic_save(obj, # anything `torch.save` takes
                 path, # file to write; its folder is created if needed
                ):
-    "`torch.save` `obj` to `path` through a temporary file in the same folder, so `path` is never half-written"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd,tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
+    "`torch.save` `obj` to `path` through a temporary file in the same folder (`atomic_write`), so `path` is never half-written"
+    return atomic_write(path, partial(torch.save, obj))
 
 # %% ../nbs/03_model.ipynb #57c1e605
 class ClassBlock(Module):
