@@ -343,6 +343,7 @@ class ReIDDataLoaders(DataLoaders):
     def n_ids(self): return len(self.vocab)
     def reid_dl(self, df:pd.DataFrame, **kwargs):
         "A test-time `ReIDDL` (no augmentation, file order) over the rows of `df` (ids checked as `reid_dls` checks them)"
+        if len(df)==0: raise ValueError("df has no row: a ReID DataLoader needs at least one image")
         ids = {c:_id_column(df, c, -1 if c=='pid' else None) for c in ('pid', 'camid') if isinstance(df, pd.DataFrame) and c in df}
         return self.test_dl(df.assign(**ids).reset_index(drop=True) if ids else df.reset_index(drop=True), **kwargs)
 

@@ -380,6 +380,7 @@ def test_reid_dl_checks_ids(small):
     q = small[small.split == 'query']
     with pytest.raises(ValueError, match=rf"column 'camid', row {q.index[0]}: nan"): dls.reid_dl(with_value(q, 'camid', q.index[0], np.nan))
     assert dls.reid_dl(q.astype({'pid': float})).pids.tolist() == q.pid.tolist()
+    with pytest.raises(ValueError, match='df has no row'): dls.reid_dl(q.iloc[:0])
 
 def test_integral_float_ids_are_ints(small):
     "A DataFrame read from a CSV with floats 7.0 works: ids become int64"
