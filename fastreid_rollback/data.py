@@ -170,12 +170,16 @@ def reid_item_tfms(
     flip:bool=True, # Random horizontal flip (training only)
 ) -> list:
     "Default item transforms: bicubic squish-resize to `size`, random horizontal flip"
+    sizes = [size] if isinstance(size, (int, np.integer)) else list(size) if isinstance(size, (tuple, list)) else None
+    if not sizes or len(sizes) > 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
+        raise ValueError(f"size must be (height, width), two ints >= 1 (or one int for a square), got {size!r}")
     return [Resize(size, method=ResizeMethod.Squish, resamples=(Image.BICUBIC, Image.NEAREST))] + ([FlipItem(0.5)] if flip else [])
 
 def reid_batch_tfms(
     erasing:float=0., # Probability of random erasing (training only); 0 for none
 ) -> list:
     "Default batch transforms: ImageNet normalisation, then optional random erasing"
+    if not 0 <= erasing <= 1: raise ValueError(f"erasing must be a probability in [0, 1], got {erasing!r}")
     return [Normalize.from_stats(*imagenet_stats)] + ([RandomErasing(p=erasing, sl=0.02, sh=0.4, min_aspect=0.3)] if erasing else [])
 
 # %% ../nbs/02_data.ipynb #bc1f1cce

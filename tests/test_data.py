@@ -351,6 +351,12 @@ def test_training_refuses_bad_batches(small, kw, word):
     with no_hang(), pytest.raises(ValueError, match=re.escape(word)): learn.fit(1, 1e-2)
     assert len(dls.query) == -(-len(dls.query.dataset)//dls.query.bs)   # evaluation batches are fine
 
+@pytest.mark.parametrize('kw,msg', [(dict(size=(0, 16)), 'size must be (height, width)'), (dict(size=(32.5, 16)), 'size must be (height, width)'),
+                                    (dict(size='32x16'), 'size must be (height, width)'), (dict(size=(32, 16, 3)), 'size must be (height, width)'),
+                                    (dict(erasing=1.5), 'erasing must be a probability'), (dict(erasing=-0.1), 'erasing must be a probability')])
+def test_transform_arguments_checked(small, kw, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)): reid_dls(small, **{'size': (32, 16), **kw})
+
 def test_bs_edges_work(small):
     dls = reid_dls(small, size=(32, 16), bs=54)                    # every training image in one batch
     assert len(dls.train) == 1 and len(dls.train.one_batch()[1]) == 54
