@@ -8,11 +8,12 @@ import os, secrets
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
-import torch, torchvision
+import numpy as np, torch, torchvision
 from torch import nn, Tensor
 import torch.nn.functional as F
 from torchvision.models import get_model, get_model_weights, list_models, WeightsEnum
 from fastcore.basics import store_attr, listify
+from fastcore.foundation import L
 from fastai.torch_core import Module
 
 # %% auto #0
@@ -79,13 +80,16 @@ def _check_keys(got, want, what):
         if got[k].shape != v.shape: raise ValueError(f"{what}: key {k!r} has shape {tuple(got[k].shape)}, expected {tuple(v.shape)}")
 
 # %% ../nbs/03_model.ipynb #fc3c051a
-def load_state_file(fn, # a file written by `torch.save`
+def _safe_globals():
+    "What fastai optimizer states hold besides tensors (numpy scalars, fastcore's `L`), allowed by `weights_only` loading"
+    return [L, np.dtype, np._core.multiarray.scalar, *[getattr(np.dtypes, n) for n in np.dtypes.__all__]]
+
+def load_state_file(fn, # a file written by `torch.save` (a state dict, or a checkpoint with its optimizer state)
                     what:str, # how the error names the file, e.g. "pretrained='w.pth'"
-                    safe_globals:list=(), # classes allowed besides tensors and containers
                    ) -> dict:
     "The dict of tensors in `fn`, read with `weights_only=True`; a `ValueError` naming `fn` when it holds anything else"
     try:
-        with torch.serialization.safe_globals(list(safe_globals)): sd = torch.load(fn, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(_safe_globals()): sd = torch.load(fn, map_location='cpu', weights_only=True)
     except OSError: raise
     except Exception as e: raise ValueError(f"{what}: not a state dict file: torch cannot read it as tensors ({type(e).__name__}); "
                                             "expected a file written by torch.save(model.state_dict(), path)") from None
@@ -94,14 +98,17 @@ def load_state_file(fn, # a file written by `torch.save`
     return sd
 
 def load_backbone_weights(backbone:nn.Module, # the body to load into
-                          pretrained, # True, a torchvision weights enum member or a local state-dict path
+                          pretrained, # True, a torchvision weights enum member, a local state-dict path, or a state dict
                           arch:str=None, # torchvision arch name, needed for `pretrained=True`
                          ):
-    "Load `pretrained` weights into `backbone` from a local file (never downloads); returns the file"
-    fn = _find_weights(pretrained, arch)
+    "Load `pretrained` weights into `backbone` from a local file (never downloads) or a state dict; returns the file (None for a dict)"
+    if isinstance(pretrained, dict): fn,sd,what = None,pretrained,'the state dict'
+    else:
+        fn = _find_weights(pretrained, arch)
+        sd,what = load_state_file(fn, f"pretrained={str(fn)!r}"),f"state-dict file {str(fn)!r}"
     want = backbone.state_dict()
-    sd = _backbone_entries(load_state_file(fn, f"pretrained={str(fn)!r}"), want)
-    _check_keys(sd, want, f"state-dict file {str(fn)!r} does not fit the backbone")
+    sd = _backbone_entries(sd, want)
+    _check_keys(sd, want, f"{what} does not fit the backbone")
     backbone.load_state_dict(sd)
     return fn
 
@@ -203,7 +210,8 @@ class ReIDModel(Module):
         with_feats:bool=False, # `forward` returns `(logits, pooled feature)` (for the triplet loss)
         **kwargs # passed to the head (`ClassBlock`: hidden, p)
     ):
-        if not isinstance(n_ids, int) or n_ids < 1: raise ValueError(f"n_ids={n_ids!r}: expected the number of training identities (an int >= 1)")
+        if isinstance(n_ids, bool) or not isinstance(n_ids, (int, np.integer)) or n_ids < 1: raise ValueError(f"n_ids={n_ids!r}: expected the number of training identities (an int >= 1)")
+        n_ids = int(n_ids)
         if neck not in _necks: raise ValueError(f"neck={neck!r}: expected one of {list(_necks)}")
         arch = backbone if isinstance(backbone, str) else None
         if arch is not None: backbone = create_backbone(arch)

@@ -98,6 +98,8 @@ def test_loads_fastai_and_ddp_files(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="arch='vgg16'"): ReIDModel('vgg16', n_ids=3)
     with pytest.raises(ValueError, match='n_ids=0'): ReIDModel('resnet18', n_ids=0)
+    with pytest.raises(ValueError, match='n_ids=2.5'): ReIDModel('resnet18', n_ids=2.5)
+    with pytest.raises(ValueError, match='n_ids=True'): ReIDModel('resnet18', n_ids=True)
     with pytest.raises(ValueError, match="neck='fancy'"): ReIDModel('resnet18', n_ids=3, neck='fancy')
     with pytest.raises(ValueError, match="no module 'layer5' for block 'layer5'"):
         ReIDModel(get_model('resnet18'), n_ids=3, blocks=['layer1', 'layer5'])
@@ -105,6 +107,11 @@ def test_bad_arguments():
         ReIDModel(nn.Sequential(nn.Conv2d(3, 4, 3)), n_ids=3, blocks=['0'], pretrained=True)
     with pytest.raises(ValueError, match='expected a ReIDModel'): reid_splitter(nn.Linear(2, 2))
 
+
+def test_numpy_n_ids():
+    import numpy as np
+    m = ReIDModel('resnet18', n_ids=np.int64(7))                              # e.g. a count from pandas
+    assert m.n_ids == 7 and type(m.n_ids) is int and m.head.classifier.out_features == 7
 
 @pytest.mark.parametrize('arch', ['resnet34', 'resnext50_32x4d', 'wide_resnet50_2'])
 def test_every_resnet_family(arch):
