@@ -4,7 +4,8 @@
 
 # %% ../nbs/10_cli.ipynb #17844143
 from __future__ import annotations
-import sys, json, inspect
+import sys, json, inspect, tempfile, warnings
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)  # fastai's import-time use: noise on a command line
 from pathlib import Path
 from fastcore.script import anno_parser, store_true
 from fastai.torch_core import rank_distrib
@@ -14,10 +15,29 @@ from .learner import reid_learner
 from .distributed import on_rank0_first
 from .experiment import (imagenet_weights_available, pretrain_backbone, compare_rollback, train_reid,
                                           save_report, save_checkpoint, read_checkpoint)
+from .model import atomic_write
+from .metrics import _check_int
 
 # %% auto #0
 __all__ = ['demo_settings', 'readers', 'commands', 'demo', 'read_dataset', 'train', 'evaluate', 'export_model', 'index_images',
            'search_index', 'main']
+
+# %% ../nbs/10_cli.ipynb #14514129
+def _out_folder(out, # the folder a command writes to
+                flag:str='--out', # how errors name it
+               ) -> Path:
+    "`out` as a folder this command can write (itself or, until it is made, its nearest existing parent); an error naming it otherwise"
+    out = Path(out)
+    base = next(p for p in (out, *out.parents) if p.exists())
+    if not base.is_dir(): raise NotADirectoryError(f"{flag} {str(out)!r}: {'it' if base == out else str(base)} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base): pass
+    except OSError as e: raise PermissionError(f"{flag} {str(out)!r}: cannot write there ({e.strerror or e})") from None
+    return out
+
+def _is_demo_output(out:Path) -> bool:
+    "Whether `out` holds what an earlier `demo` wrote (its embedded dataset)"
+    return (out/'data'/'Market-1501-v15.09.15'/'synthetic_reid.json').is_file()
 
 # %% ../nbs/10_cli.ipynb #39f5a97a
 demo_settings = {
@@ -27,14 +47,20 @@ demo_settings = {
                   n_periods=2, epochs_per_period=1, pretrain_epochs=1, pretrain_ids=16),
 }
 
-def demo(out:str='demo_out', # folder for results.json, results.csv and the plots
+def demo(out:str='demo_out', # folder for results.json, results.csv and the plots: empty, new, or an earlier demo's
          quick:store_true=False, # reduced sizes, for tests (about a minute)
          seed:int=0, # seed of the data and of the training
+         overwrite:store_true=False, # write into an --out folder holding other files, replacing an earlier demo made with other settings
         ):
     "Baseline against rolling-back on the embedded dataset, with no download"
-    s, out = demo_settings['quick' if quick else 'full'], Path(out)
+    s, out = demo_settings['quick' if quick else 'full'], _out_folder(out)
+    if not overwrite and out.exists() and any(out.iterdir()) and not _is_demo_output(out): raise FileExistsError(
+        f"--out {str(out)!r} holds files no demo wrote, which results.csv, results.json and the plots could replace: "
+        "pass an empty or new folder, or --overwrite")
     print(f"Generating the embedded dataset in {out/'data'} ...")
-    root = synthetic_reid(out/'data', n_ids=s['n_ids'], imgs_per_id_cam=s['imgs_per_id_cam'], seed=seed)
+    try: root = synthetic_reid(out/'data', n_ids=s['n_ids'], imgs_per_id_cam=s['imgs_per_id_cam'], seed=seed, overwrite=overwrite)
+    except FileExistsError: raise FileExistsError(f"--out {str(out)!r} holds a demo made with other settings (--seed, --quick): "
+                                                  "pass --overwrite to replace it, or another --out") from None
     if imagenet_weights_available(s['arch']):
         print(f"Using the ImageNet weights of {s['arch']} from the local torch hub cache.")
         pretrained = True
@@ -42,7 +68,7 @@ def demo(out:str='demo_out', # folder for results.json, results.csv and the plot
         print(f"No ImageNet weights for {s['arch']} in the local torch hub cache: pre-training the backbone on a "
               f"synthetic source domain whose identities and cameras are disjoint from the target's.")
         pretrained = pretrain_backbone(out/'pretrain', arch=s['arch'], epochs=s['pretrain_epochs'], size=s['size'], bs=s['bs'],
-                                       seed=seed, n_ids=s['pretrain_ids'], imgs_per_id_cam=s['imgs_per_id_cam'])
+                                       seed=seed, n_ids=s['pretrain_ids'], imgs_per_id_cam=s['imgs_per_id_cam'], overwrite=overwrite)
     dls = reid_dls(market1501(root), size=s['size'], bs=s['bs'], seed=seed)
     runs = compare_rollback(dls, n_periods=s['n_periods'], epochs_per_period=s['epochs_per_period'], arch=s['arch'],
                             pretrained=pretrained, lr=s['lr'], seed=seed)
@@ -89,12 +115,17 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
           seed:int=0, # seed of the initialisation and of every epoch
          ):
     "Train on a dataset with the rolling-back schedule (or the baseline) and evaluate on its query/gallery"
+    for flag,v,lo in [('--periods', periods, 1), ('--epochs-per-period', epochs_per_period, 1), ('--bs', bs, 1),
+                      ('--checkpoint-every', checkpoint_every, 0), ('--workers', workers, 0), ('--seed', seed, 0), ('--size', size[0], 1), ('--size', size[1], 1)]:
+        if v is not None: _check_int(v, flag, lo)
+    if not lr > 0: raise ValueError(f"--lr must be > 0, got {lr}")
+    out = _out_folder(out)
     df = on_rank0_first(read_dataset, data, dataset)  # several processes: the first one generates the embedded dataset
     dls = reid_dls(df, size=tuple(size), bs=bs, num_workers=workers, seed=seed)
     n_periods, epp = (1, periods*epochs_per_period) if baseline else (periods, epochs_per_period)
     run = train_reid(dls, arch=arch, pretrained=_pretrained(pretrained), n_periods=n_periods, epochs_per_period=epp,
                      lr=lr, out=out, checkpoint_every=checkpoint_every, resume=resume, fp16=fp16, seed=seed,
-                     name='baseline' if baseline else 'rollback')
+                     name='baseline' if baseline else 'rollback', meta=dict(size=list(size)))
     if rank_distrib(): return None  # several processes: the first one writes the model and the report
     config = dict(data=str(data), dataset=dataset, arch=arch, periods=periods, epochs_per_period=epochs_per_period, bs=bs,
                   size=list(size), lr=lr, baseline=baseline, pretrained=pretrained, seed=seed)
@@ -110,17 +141,25 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
              bs:int=64, # batch size of the feature extraction
              workers:int=None, # DataLoader workers
              out:str=None, # write the metrics to out/eval.json too
+             size:int=None, # input height and width (two numbers); default: those the model was trained with
             ):
     "CMC, mAP and mINP of a saved model on the query/gallery of a dataset"
-    if model is None or not Path(model).is_file(): raise FileNotFoundError(f"--model {model!r}: no such model file")
-    meta = read_checkpoint(model)['meta']
-    dls = reid_dls(read_dataset(data, dataset), size=tuple(meta['size']), bs=bs, num_workers=workers)
-    learn = reid_learner(dls, arch=meta['arch'], pretrained=model)  # the backbone of the saved model
+    if model is None: raise ValueError("--model is required: a model file written by train (out/model.pth) or a checkpoint")
+    if not Path(model).is_file(): raise FileNotFoundError(f"--model {model!r}: no such model file")
+    _check_int(bs, '--bs', 1)
+    if workers is not None: _check_int(workers, '--workers', 0)
+    if out is not None: out = _out_folder(out)
+    state = read_checkpoint(model)
+    arch,size = state['meta'].get('arch'),size or state['meta'].get('size')
+    if not isinstance(arch, str): raise ValueError(f"--model {model!r} does not record its architecture: expected a file written by train")
+    if size is None: raise ValueError(f"--model {model!r} does not record its input size: pass --size HEIGHT WIDTH")
+    dls = reid_dls(read_dataset(data, dataset), size=tuple(size), bs=bs, num_workers=workers)
+    learn = reid_learner(dls, arch=arch, pretrained=state['model'])  # the backbone of the saved model
     res = learn.reid_evaluate()
     print(res)
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out)/'eval.json').write_text(json.dumps({'model': str(model), 'dataset': dataset, **res.as_dict()}, indent=2))
+        doc = {'model': str(model), 'dataset': dataset, **res.as_dict()}
+        atomic_write(out/'eval.json', lambda f: f.write(json.dumps(doc, indent=2).encode()))
     return res
 
 # %% ../nbs/10_cli.ipynb #b7e3d415
@@ -173,13 +212,18 @@ def search_index(index:str=None, # an index file written by `index`
 
 # %% ../nbs/10_cli.ipynb #a800d1ee
 commands = {'demo': demo, 'train': train, 'eval': evaluate, 'export': export_model, 'index': index_images, 'search': search_index}
+_user_errors = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+class _UsageError(ValueError): "A command line argparse refuses"
 
 def _parser(cmd):
-    "argparse parser of sub-command `cmd`, from its function's signature and comments"
+    "argparse parser of sub-command `cmd`, from its function's signature and comments; its errors are `_UsageError`s"
     p = anno_parser(commands[cmd], prog=f'fastreid-rollback {cmd}')
     for a in p._actions:
         if a.dest == 'size': a.nargs = 2
         if a.dest == 'query': a.nargs = '+'
+    def error(msg): raise _UsageError(f"{msg} (see fastreid-rollback {cmd} --help)")
+    p.error = error
     return p
 
 def _spell_flags(argv, parser):
@@ -193,21 +237,38 @@ def _spell_flags(argv, parser):
         return arg
     return [fix(a) for a in argv]
 
+def _usage() -> str:
+    "The top-level help: the commands and what each does (the first line of its docstring)"
+    w = max(map(len, commands))
+    return '\n'.join([f"usage: fastreid-rollback {{{','.join(commands)}}} [options]", '', 'commands:',
+                      *[f"  {n:{w}}  {inspect.getdoc(f).splitlines()[0]}" for n,f in commands.items()], '',
+                      "fastreid-rollback COMMAND --help lists the options of a command."])
+
+def _one_line(e) -> str: return ' '.join(l.strip() for l in str(e).splitlines() if l.strip())
+
 def main(argv:list=None, # arguments (default: sys.argv[1:])
         ):
     "The `fastreid-rollback` console script: `demo`, `train` or `eval`"
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (['-h'], ['--help']):
+        print(_usage())
+        return 0
     if not argv or argv[0] not in commands:
-        print(f"usage: fastreid-rollback {{{','.join(commands)}}} [--help]", file=sys.stderr)
-        return 0 if argv and argv[0] in ('-h', '--help') else 2
+        print(f"fastreid-rollback: error: {'unknown command ' + repr(argv[0]) if argv else 'no command'}: expected one of "
+              f"{', '.join(commands)} (see fastreid-rollback --help)", file=sys.stderr)
+        return 2
     cmd = argv[0]
     f = commands[cmd]
-    p = _parser(cmd)
-    args = {k:v for k,v in vars(p.parse_args(_spell_flags(argv[1:], p))).items() if k in inspect.signature(f).parameters}
-    try: f(**args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fastreid-rollback {cmd}: error: {e}", file=sys.stderr)
+    try:
+        p = _parser(cmd)
+        args = {k:v for k,v in vars(p.parse_args(_spell_flags(argv[1:], p))).items() if k in inspect.signature(f).parameters}
+        f(**args)
+    except _user_errors as e:
+        print(f"fastreid-rollback {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastreid-rollback {cmd}: interrupted" + (" (train --resume continues from the last checkpoint)" if cmd == 'train' else ''), file=sys.stderr)
+        return 130
     return 0
 
 # %% ../nbs/10_cli.ipynb #e8b66c71

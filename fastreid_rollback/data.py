@@ -17,6 +17,7 @@ from fastai.data.transforms import ColReader, Normalize
 from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.data import ImageBlock, get_grid
 from fastai.vision.augment import Resize, ResizeMethod, FlipItem, RandomErasing
+from .metrics import _check_int
 
 # %% auto #0
 __all__ = ['market1501', 'dukemtmc_reid', 'cuhk03_np', 'msmt17', 'ReIDImage', 'find_bad_images', 'reid_item_tfms',
@@ -41,15 +42,28 @@ def _find_root(path, names, markers, dataset:str) -> Path:
     raise FileNotFoundError(f"{dataset}: no dataset found in {path}; expected {layout} (as in {names[0]}/), in {path} or one folder below it")
 
 # %% ../nbs/02_data.ipynb #b71968b1
-def _read_folder(folder:Path, split:str, pattern:str, example:str, dataset:str, exts=('.jpg',)) -> list:
-    "Rows `(path, pid, camid, split)` of the images in `folder`, parsed with `pattern` (named groups `pid` and `cam`)"
-    fns = sorted(f for f in folder.iterdir() if f.suffix.lower() in exts)
-    if not fns: raise ValueError(f"{dataset}: the {split!r} split is empty: no {'/'.join(exts)} image in {folder}")
+_IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp')   # image files the readers take, in any letter case
+
+def _small_int(s) -> int|None:
+    "The integer written in `s` (ASCII digits, optional minus, at most 9 digits), else None"
+    return int(s) if s is not None and re.fullmatch(r'-?[0-9]{1,9}', s) else None
+
+def _resolve(f:Path, dataset:str) -> Path:
+    "`f` made absolute, its symbolic links followed; a `ValueError` naming it when they loop"
+    try: return f.resolve()
+    except (RuntimeError, OSError) as e: raise ValueError(f"{dataset}: cannot follow the symbolic link {f}: {e}") from None
+
+def _read_folder(folder:Path, split:str, pattern:str, example:str, dataset:str) -> list:
+    "Rows `(path, pid, camid, split)` of the images in `folder`, their names (less the extension) parsed with `pattern` (groups `pid`, `cam`)"
+    fns = sorted(f for f in folder.iterdir() if f.suffix.lower() in _IMG_EXTS and not f.name.startswith('.') and not f.is_dir())
+    if not fns: raise ValueError(f"{dataset}: the {split!r} split is empty: no image ({', '.join(_IMG_EXTS)}) in {folder}")
     rows = []
     for f in fns:
-        m = re.fullmatch(pattern, f.name)
-        if m is None: raise ValueError(f"{dataset}: cannot parse the file name {f}: expected the pattern {pattern!r} (like {example})")
-        rows.append((f.resolve(), int(m['pid']), int(m['cam']), split))
+        m = re.fullmatch(pattern, f.stem)
+        pid,cam = (_small_int(m['pid']), _small_int(m['cam'])) if m else (None, None)
+        if pid is None or cam is None: raise ValueError(
+            f"{dataset}: cannot parse the file name {f}: expected the pattern {pattern!r} and an image extension (like {example})")
+        rows.append((_resolve(f, dataset), pid, cam, split))
     return rows
 
 def _frame(rows) -> pd.DataFrame:
@@ -57,10 +71,10 @@ def _frame(rows) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=['path', 'pid', 'camid', 'split'])
     return df.astype({'pid': 'int64', 'camid': 'int64'})
 
-def _market_like(path, names, pattern, example, dataset, exts=('.jpg',)) -> pd.DataFrame:
+def _market_like(path, names, pattern, example, dataset) -> pd.DataFrame:
     "Reader of a Market-1501-style layout (`bounding_box_train/`, `query/`, `bounding_box_test/`)"
     root = _find_root(path, names, list(_MARKET_DIRS.values()), dataset)
-    return _frame([r for split,d in _MARKET_DIRS.items() for r in _read_folder(root/d, split, pattern, example, dataset, exts)])
+    return _frame([r for split,d in _MARKET_DIRS.items() for r in _read_folder(root/d, split, pattern, example, dataset)])
 
 # %% ../nbs/02_data.ipynb #98e39452
 def market1501(
@@ -68,7 +82,7 @@ def market1501(
 ) -> pd.DataFrame: # Columns path, pid, camid, split
     "Market-1501: `bounding_box_train/`, `query/`, `bounding_box_test/`, files like `0002_c1s1_000451_03.jpg`"
     return _market_like(path, ['Market-1501-v15.09.15', 'Market-1501', 'market1501'],
-                        r'(?P<pid>-?\d+)_c(?P<cam>\d+)s\d+_\d+_\d+\.jpg', '0002_c1s1_000451_03.jpg', 'market1501')
+                        r'(?P<pid>-?\d+)_c(?P<cam>\d+)s\d+_\d+_\d+', '0002_c1s1_000451_03.jpg', 'market1501')
 
 # %% ../nbs/02_data.ipynb #6d60253a
 def dukemtmc_reid(
@@ -76,7 +90,17 @@ def dukemtmc_reid(
 ) -> pd.DataFrame: # Columns path, pid, camid, split
     "DukeMTMC-reID: Market-1501 layout, files like `0001_c2_f0046182.jpg`"
     return _market_like(path, ['DukeMTMC-reID', 'dukemtmc-reid', 'dukemtmcreid'],
-                        r'(?P<pid>-?\d+)_c(?P<cam>\d+)_f\d+\.jpg', '0001_c2_f0046182.jpg', 'dukemtmc_reid')
+                        r'(?P<pid>-?\d+)_c(?P<cam>\d+)_f\d+', '0001_c2_f0046182.jpg', 'dukemtmc_reid')
+
+def _cuhk03_root(path, kind:str) -> Path:
+    "The CUHK03-NP folder holding `kind/`; when it has only the other kind, an error that says to ask for that one"
+    find = lambda k: _find_root(path, ['cuhk03-np', 'CUHK03-NP', 'cuhk03_np'], [f'{k}/{d}' for d in _MARKET_DIRS.values()], 'cuhk03_np')
+    try: return find(kind)
+    except FileNotFoundError as e:
+        other = 'detected' if kind=='labeled' else 'labeled'
+        try: find(other)
+        except (FileNotFoundError, ValueError): raise e from None
+        raise FileNotFoundError(f"{e}; it has {other}/ only: pass kind={other!r}") from None
 
 def cuhk03_np(
     path:str|Path, # `cuhk03-np/` (holding `labeled/` and `detected/`) or the folder above it
@@ -84,21 +108,24 @@ def cuhk03_np(
 ) -> pd.DataFrame: # Columns path, pid, camid, split
     "CUHK03-NP (new protocol): Market-1501 layout under `labeled/` and `detected/`, files like `0001_c1_1.png`"
     if kind not in ('labeled', 'detected'): raise ValueError(f"cuhk03_np: kind must be 'labeled' or 'detected', got {kind!r}")
-    root = _find_root(path, ['cuhk03-np', 'CUHK03-NP', 'cuhk03_np'], [f'{kind}/{d}' for d in _MARKET_DIRS.values()], 'cuhk03_np')
-    return _market_like(root/kind, [], r'(?P<pid>-?\d+)_c(?P<cam>\d+)_\d+\.(png|jpg)', '0001_c1_1.png', 'cuhk03_np', ('.png', '.jpg'))
+    root = _cuhk03_root(path, kind)
+    return _market_like(root/kind, [], r'(?P<pid>-?\d+)_c(?P<cam>\d+)_\d+', '0001_c1_1.png', 'cuhk03_np')
 
 # %% ../nbs/02_data.ipynb #1202c22a
 def _read_list(root:Path, img_dir:Path, list_name:str, split:str) -> list:
-    "Rows of one MSMT17 list file"
+    "Rows of one MSMT17 list file; identities from 1 (the lists number them from 0, and pid 0 means a distractor here)"
     fn,rows = root/list_name,[]
-    for i,line in enumerate(fn.read_text().splitlines(), 1):
+    try: text = fn.read_text()
+    except UnicodeDecodeError as e: raise ValueError(f"msmt17: {fn} is not a text file (byte {e.start}: {e.reason}); expected 'relative/path.jpg pid' lines") from None
+    for i,line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
         parts = line.split()
         fields = Path(parts[0]).name.split('_')
-        if len(parts)!=2 or len(fields)<3 or not parts[1].lstrip('-').isdigit() or not fields[2].isdigit():
+        pid,cam = _small_int(parts[1]) if len(parts)==2 else None, _small_int(fields[2]) if len(fields)>=3 else None
+        if pid is None or cam is None or pid < 0:
             raise ValueError(f"msmt17: cannot parse line {i} of {fn}: {line!r}; expected 'relative/path.jpg pid' "
                              "with the camera as the third '_'-separated field of the file name (like '0000/0000_000_01_0303morning_0015_0.jpg 0')")
-        rows.append(((img_dir/parts[0]).resolve(), int(parts[1]), int(fields[2]), split))
+        rows.append((_resolve(img_dir/parts[0], 'msmt17'), pid+1, cam, split))
     if not rows: raise ValueError(f"msmt17: the {split!r} split is empty: {fn} lists no image")
     if not rows[0][0].exists(): raise FileNotFoundError(f"msmt17: {rows[0][0]}, listed in {fn}, does not exist; expected the images under {img_dir}")
     return rows
@@ -107,7 +134,7 @@ def msmt17(
     path:str|Path, # `MSMT17_V1/` or `MSMT17_V2/`, or the folder above it
     include_val:bool=False, # Add the images of `list_val.txt` to the training split
 ) -> pd.DataFrame: # Columns path, pid, camid, split
-    "MSMT17 (V1 or V2): list files `list_{train,val,query,gallery}.txt` with `relative/path.jpg pid` lines"
+    "MSMT17 (V1 or V2): list files `list_{train,val,query,gallery}.txt` with `relative/path.jpg pid` lines; pids are the lists' plus 1"
     root = _find_root(path, ['MSMT17_V1', 'MSMT17_V2', 'MSMT17'], ['list_train.txt', 'list_query.txt', 'list_gallery.txt'], 'msmt17')
     trn,tst = [next((root/d for d in dirs if (root/d).is_dir()), None) for dirs in (('train', 'mask_train_v2'), ('test', 'mask_test_v2'))]
     if trn is None or tst is None: raise FileNotFoundError(f"msmt17: {root} needs the image folders train/ and test/ (V1) or mask_train_v2/ and mask_test_v2/ (V2)")
@@ -143,12 +170,16 @@ def reid_item_tfms(
     flip:bool=True, # Random horizontal flip (training only)
 ) -> list:
     "Default item transforms: bicubic squish-resize to `size`, random horizontal flip"
+    sizes = [size] if isinstance(size, (int, np.integer)) else list(size) if isinstance(size, (tuple, list)) else None
+    if not sizes or len(sizes) > 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
+        raise ValueError(f"size must be (height, width), two ints >= 1 (or one int for a square), got {size!r}")
     return [Resize(size, method=ResizeMethod.Squish, resamples=(Image.BICUBIC, Image.NEAREST))] + ([FlipItem(0.5)] if flip else [])
 
 def reid_batch_tfms(
     erasing:float=0., # Probability of random erasing (training only); 0 for none
 ) -> list:
     "Default batch transforms: ImageNet normalisation, then optional random erasing"
+    if not 0 <= erasing <= 1: raise ValueError(f"erasing must be a probability in [0, 1], got {erasing!r}")
     return [Normalize.from_stats(*imagenet_stats)] + ([RandomErasing(p=erasing, sl=0.02, sh=0.4, min_aspect=0.3)] if erasing else [])
 
 # %% ../nbs/02_data.ipynb #bc1f1cce
@@ -206,7 +237,7 @@ def _pk_groups(labels, k:int, rng) -> dict:
 
 def _pk_n_batches(counts, p:int) -> int:
     "Number of batches of `p` distinct identities needed to use the `counts` groups of each identity"
-    counts = np.asarray(counts)
+    p,counts = _check_int(p, 'p', 1),np.asarray(counts)
     n = -(-int(counts.sum()) // p)
     while True:   # an identity cannot give more groups than there are batches
         new = -(-int(np.minimum(counts, n).sum()) // p)
@@ -220,7 +251,7 @@ def pk_batches(
     rng:np.random.Generator, # Random generator
 ) -> list: # Batches: lists of `p*k` item indices, `k` consecutive per identity
     "Identity-balanced batches covering every item about once"
-    labels = np.asarray(labels)
+    p,k,labels = _check_int(p, 'p', 1),_check_int(k, 'k', 1),np.asarray(labels)
     groups = _pk_groups(labels, k, rng)
     if len(groups) < p: raise ValueError(f"p={p} identities per batch, but only {len(groups)} identities to sample from")
     pids = list(groups)
@@ -261,7 +292,10 @@ class ReIDDL(TfmdDL):
         k:int=4, # Images per identity (PK sampler)
         **kwargs):
         if sampler not in ('random', 'pk'): raise ValueError(f"sampler must be 'random' or 'pk', got {sampler!r}")
-        if sampler=='pk': kwargs['bs'] = p*k
+        if sampler=='pk':
+            p,k = _check_int(p, 'p', 1),_check_int(k, 'k', 1)
+            if p*k < 2: raise ValueError(f"p*k={p*k}: a training batch needs at least 2 images (BatchNorm cannot train on one)")
+            kwargs['bs'] = p*k
         store_attr('sampler,p,k')
         super().__init__(dataset, **kwargs)
 
@@ -278,8 +312,17 @@ class ReIDDL(TfmdDL):
 
     @property
     def pk(self): return self.sampler=='pk' and self.shuffle
+    def _check_training(self):
+        "Raise a `ValueError` unless the training batches are full and hold two images or more"
+        n = len(self.dataset)
+        if self.bs < 2: raise ValueError(f"bs={self.bs}: a training batch needs at least 2 images (BatchNorm cannot train on one); pass bs >= 2")
+        if self.bs > n: raise ValueError(f"bs={self.bs} is more than the {n} training images: the last incomplete batch is dropped, "
+                                         f"so nothing would be trained; pass bs <= {n}")
+
     def get_idxs(self):
-        if not self.pk: return super().get_idxs()
+        if not self.pk:
+            if self.shuffle and self.drop_last: self._check_training()   # a training loader
+            return super().get_idxs()
         rng = np.random.default_rng(self.rng.getrandbits(64))
         return [i for b in pk_batches(self.pids.numpy(), self.p, self.k, rng) for i in b]
 
@@ -308,21 +351,50 @@ def show_batch(self:ReIDDL, b=None, max_n:int=9, ctxs=None, show:bool=True, nrow
 class ReIDDataLoaders(DataLoaders):
     "`DataLoaders` with the ReID evaluation sets: `train`, `valid`, `query`, `gallery`"
     def _set(i, self, v): self.loaders[i] = v
-    query,gallery = add_props(lambda i,x: x[i+2], lambda i,x,v: ReIDDataLoaders._set(i+2, x, v))
+    query,gallery = add_props(lambda i,x: x.loaders[i+2] if len(x.loaders) > i+2 else None, lambda i,x,v: ReIDDataLoaders._set(i+2, x, v))
     @property
     def n_ids(self): return len(self.vocab)
     def reid_dl(self, df:pd.DataFrame, **kwargs):
-        "A test-time `ReIDDL` (no augmentation, file order) over the rows of `df`"
-        return self.test_dl(df.reset_index(drop=True), **kwargs)
+        "A test-time `ReIDDL` (no augmentation, file order) over the rows of `df` (ids checked as `reid_dls` checks them)"
+        if len(df)==0: raise ValueError("df has no row: a ReID DataLoader needs at least one image")
+        ids = {c:_id_column(df, c, -1 if c=='pid' else None) for c in ('pid', 'camid') if isinstance(df, pd.DataFrame) and c in df}
+        return self.test_dl(df.assign(**ids).reset_index(drop=True) if ids else df.reset_index(drop=True), **kwargs)
 
 # %% ../nbs/02_data.ipynb #8fb2fc3a
+def _is_id(v) -> bool:
+    "Whether `v` is an integer that fits int64 (an int or an integral float), not a bool"
+    if isinstance(v, (bool, np.bool_)): return False
+    if isinstance(v, (float, np.floating)): return bool(np.isfinite(v)) and float(v).is_integer() and abs(v) < 2**63
+    return isinstance(v, (int, np.integer)) and -2**63 <= v < 2**63
+
+def _id_column(df:pd.DataFrame, col:str, lo:int=None) -> pd.Series:
+    "Column `col` of `df` as int64; a `ValueError` naming the first row holding no integer (NaN, 7.5, '7', True) or one below `lo`"
+    v = df[col]
+    what,bad = 'not an integer',[(i, o) for i,o in zip(df.index, v) if not _is_id(o)] if v.dtype.kind not in 'iu' else []
+    if not bad:
+        v = v.astype('int64')
+        what,bad = f'below {lo}',[(i, o) for i,o in zip(df.index[v < lo], v[v < lo])] if lo is not None else []
+    if bad: raise ValueError(f"df column {col!r}, row {bad[0][0]}: {bad[0][1]!r} is {what}{f' ({len(bad)} such rows)' if len(bad) > 1 else ''}; "
+                             "expected integers (pid: -1 junk, 0 distractor, identities from 1)")
+    return v
+
+def _warn_reserved_ids(df:pd.DataFrame):
+    "Warn when training or query rows have pid 0 or -1, which mark gallery distractors and junk"
+    for s in ('train', 'query'):
+        n = int(((df.split==s) & (df.pid <= 0)).sum())
+        if n: warnings.warn(f"{n} {s!r} row{'s have' if n > 1 else ' has'} pid 0 or -1, which mark a distractor and a junk image "
+                            "(gallery only, as in Market-1501): a query with pid 0 or -1 is never evaluated and a gallery image with "
+                            "pid 0 never matches; if the identities are numbered from 0, number them from 1 (df.pid += 1)")
+
 def _check_df(df:pd.DataFrame, on_bad_image:str) -> pd.DataFrame:
-    "Validate a reader DataFrame; drop unreadable images when `on_bad_image='skip'`"
+    "Validate a reader DataFrame (ids as int64); drop unreadable images when `on_bad_image='skip'`"
     if not isinstance(df, pd.DataFrame) or not {'path', 'pid', 'camid', 'split'} <= set(df.columns):
         raise ValueError("df must be a DataFrame with the columns path, pid, camid, split (as the readers return)")
     if on_bad_image not in ('raise', 'skip'): raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
     for s in ('train', 'query', 'gallery'):
         if not (df.split==s).any(): raise ValueError(f"df has no row with split {s!r}")
+    df = df.assign(pid=_id_column(df, 'pid', -1), camid=_id_column(df, 'camid'))
+    _warn_reserved_ids(df)
     if on_bad_image=='skip':
         bad = find_bad_images(df)
         if bad:
@@ -336,7 +408,7 @@ def _check_df(df:pd.DataFrame, on_bad_image:str) -> pd.DataFrame:
 def reid_dls(
     df:pd.DataFrame, # Reader output: columns path, pid, camid, split
     size:tuple=(256, 128), # Image size `(height, width)`
-    bs:int=32, # Batch size (with `sampler='pk'`: of valid, query and gallery only; training batches are `p*k`)
+    bs:int=32, # Batch size; to train, >= 2 and at most the training images (with `sampler='pk'`: of valid, query and gallery only; training batches are `p*k`)
     sampler:str='random', # 'random' or 'pk' (identity-balanced)
     p:int=16, # Identities per training batch (PK sampler)
     k:int=4, # Images per identity (PK sampler)
@@ -352,7 +424,7 @@ def reid_dls(
     path:str|Path='.', # `DataLoaders.path`
 ) -> ReIDDataLoaders:
     "`DataLoaders` for training on the `'train'` rows of `df`, with `query` and `gallery` loaders for evaluation"
-    df = _check_df(df, on_bad_image)
+    df,bs = _check_df(df, on_bad_image),_check_int(bs, 'bs', 1)
     device = ifnone(device, default_device())
     if num_workers is None: num_workers = min(8, defaults.cpus) if torch.cuda.is_available() else 0
     train = df[df.split=='train'].reset_index(drop=True)

@@ -16,8 +16,9 @@ from fastai.learner import Learner
 from .metrics import ReIDResult, plot_cmc
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
-from .model import unwrap_model, save_backbone, weights_cache_file, atomic_save
+from .model import unwrap_model, save_backbone, weights_cache_file, atomic_save, atomic_write, load_state_file, _check_keys
 from .learner import reid_learner, ReIDEvalCallback
+from .metrics import _check_int
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
 from .distributed import ddp_ctx  # `Learner.ddp_ctx`
 
@@ -63,27 +64,29 @@ def save_checkpoint(learn:Learner, # the learner to save
     opt = learn.opt.state_dict() if with_opt and learn.opt is not None else None
     return atomic_save({'model': unwrap_model(learn.model).state_dict(), 'opt': opt, 'meta': meta}, path)
 
-def _safe_globals():
-    "What fastai optimizer states hold besides tensors (numpy scalars, fastcore's `L`), allowed by `weights_only` loading"
-    return [L, np.dtype, np._core.multiarray.scalar, *[getattr(np.dtypes, n) for n in np.dtypes.__all__]]
-
 def read_checkpoint(path:str|Path, # a file written by `save_checkpoint`
                    ) -> dict: # {'model': state dict, 'opt': optimizer state or None, 'meta': dict}
     "Read and check a checkpoint written by `save_checkpoint`"
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    with torch.serialization.safe_globals(_safe_globals()): state = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(state, dict) or not {'model', 'opt', 'meta'} <= set(state):
+    state = load_state_file(path, f"checkpoint {str(path)!r}")
+    if not {'model', 'opt', 'meta'} <= set(state) or not isinstance(state['meta'], dict):
         raise ValueError(f"{str(path)!r} is not a checkpoint written by save_checkpoint (expected keys 'model', 'opt', 'meta')")
     return state
 
 def load_checkpoint(learn:Learner, # the learner to load into (built as the saved one was)
                     path:str|Path, # a file written by `save_checkpoint`
                     with_opt:bool=True, # also restore the optimizer state
+                    expect:dict=None, # meta values the checkpoint must have been written with (e.g. `arch`), checked first
                    ) -> dict: # the checkpoint's `meta`
     "Load a checkpoint written by `save_checkpoint` into `learn`"
-    state = read_checkpoint(path)
-    unwrap_model(learn.model).load_state_dict(state['model'])
+    state,model = read_checkpoint(path),unwrap_model(learn.model)
+    saved = state['meta']
+    diff = [k for k,v in (expect or {}).items() if k in saved and saved[k] != v]
+    if diff: raise ValueError(f"checkpoint {str(path)!r} was written with {', '.join(f'{k}={saved[k]!r}' for k in diff)}, "
+                              f"but this run has {', '.join(f'{k}={expect[k]!r}' for k in diff)}: it cannot continue that run")
+    _check_keys(state['model'], model.state_dict(), f"checkpoint {str(path)!r} does not fit the model")
+    model.load_state_dict(state['model'])
     if with_opt and state['opt'] is not None:
         if learn.opt is None: learn.create_opt()
         learn.model.to(getattr(learn.dls, 'device', None) or default_device())  # the optimizer state goes where `fit` puts the weights
@@ -92,26 +95,38 @@ def load_checkpoint(learn:Learner, # the learner to load into (built as the save
 
 # %% ../nbs/06_experiment.ipynb #13f23493
 class CheckpointCallback(Callback):
-    "Save a checkpoint every `every` epochs and at the end of each period of `period_len` epochs"
-    order = RollbackCallback.order + 1
+    "Save a checkpoint every `every` epochs and at the end of each period of `period_len` epochs, with the run's records so far"
+    order = BlockGradStats.order + 1  # after the callbacks whose records it saves
     def __init__(self, folder:str|Path, # where `last.pth` and `period<k>.pth` go
-                 every:int=None, # also save every `every` epochs
+                 every:int=None, # also save every `every` epochs (None or 0: at period ends only)
                  period_len:int=None, # epochs per period (default: read from the `RollbackCallback`)
+                 resumed:dict=None, # meta of the checkpoint this fit continues: its training time and records are carried on
                  **meta, # plain values saved with every checkpoint
-                ): store_attr(but='meta'); self.meta = meta
+                ):
+        if every is not None: _check_int(every, 'every', 0)
+        store_attr(but='meta'); self.meta = meta
+
+    def _cb(self, cls): return next((cb for cb in self.learn.cbs if isinstance(cb, cls)), None)
 
     def before_fit(self):
         if self.period_len is None:
-            rb = [cb for cb in self.learn.cbs if isinstance(cb, RollbackCallback)]
-            self.period_len = rb[0].period_len if rb else self.n_epoch
-        self.ran = False
+            rb = self._cb(RollbackCallback)
+            self.period_len = rb.period_len if rb else self.n_epoch
+        self.ran,self.t0 = False,time.perf_counter()
 
     def before_train(self): self.ran = True
+
+    def history(self) -> dict:
+        "Training time, roll-back events and block gradients of the whole run so far, the resumed part included"
+        prev,rb,gs = self.resumed or {},self._cb(RollbackCallback),self._cb(BlockGradStats)
+        return dict(train_time_s=prev.get('train_time_s', 0.) + time.perf_counter() - self.t0,
+                    rollback_events=prev.get('rollback_events', []) + (getattr(rb, 'events', []) if rb else []),
+                    block_grads=prev.get('block_grads', []) + (getattr(gs, 'records', []) if gs else []))
 
     def after_epoch(self):
         if not self.ran: return  # an epoch skipped by `fit(..., start_epoch=...)`
         self.ran, e = False, self.epoch + 1
-        meta = dict(self.meta, epoch=self.epoch, n_epoch=self.n_epoch)
+        meta = dict(self.meta, epoch=self.epoch, n_epoch=self.n_epoch, **self.history())
         period_end, last = e % self.period_len == 0, e == self.n_epoch
         if period_end or last or (self.every and e % self.every == 0):
             save_checkpoint(self.learn, Path(self.folder)/'last.pth', **meta)
@@ -130,6 +145,13 @@ class ReIDRun:
     def __repr__(self): return f"ReIDRun({self.name!r}, {self.result!r}, train_time={self.train_time:.1f}s)"
 
 # %% ../nbs/06_experiment.ipynb #f0ce30ef
+def _carry_on(learn, resumed:dict, rollback, grads):
+    "Put the roll-backs and block gradients of the run that `resumed` checkpointed before those of the fit that continued it"
+    rollback.events[:0] = resumed.get('rollback_events', [])   # in place: `learn.recorder.rollback_events` is this list
+    grads.records[:0] = resumed.get('block_grads', [])
+    grads.rollback_epochs = [ev['epoch'] for ev in rollback.events]
+    if hasattr(learn, 'recorder'): learn.recorder.block_grads,learn.recorder.rollback_epochs = grads.df,grads.rollback_epochs
+
 def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                arch:str='resnet50', # torchvision architecture name
                pretrained=True, # True (ImageNet, local cache only), False, or a local backbone file
@@ -143,6 +165,7 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                fp16:bool=False, # mixed precision (`learn.to_fp16()`)
                seed:int=0, # seed of the initialisation and of every epoch's randomness
                eval_every:int=None, # ReID metrics in the progress table every this many epochs (default: each period end)
+               meta:dict=None, # plain values stored in every checkpoint besides the run's own (e.g. the input size)
                **learner_kwargs, # passed to `reid_learner`
               ) -> ReIDRun:
     "Train a `reid_learner` with the rolling-back schedule (or the baseline, `n_periods=1`) and evaluate it"
@@ -151,15 +174,21 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
     if fp16: learn.to_fp16()
     rollback, grads = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period), BlockGradStats()
     cbs = [rollback, grads, SeedEachEpoch(seed), ReIDEvalCallback(every=eval_every or epochs_per_period)]
-    start = 0
+    start,resumed = 0,None
+    if resume and out is None: raise ValueError("resume=True needs out: the folder whose checkpoints/last.pth the run continues")
+    ckpt = None if out is None else Path(out)/'checkpoints'
+    if resume and not (ckpt/'last.pth').is_file(): raise FileNotFoundError(f"nothing to resume: {ckpt/'last.pth'} does not exist (train without resume to start a run)")
     with learn.ddp_ctx():  # launched on several processes: data-parallel, model and data on this process's device from here
-        if out is not None:
-            ckpt = Path(out)/'checkpoints'
-            cbs.append(CheckpointCallback(ckpt, every=checkpoint_every, arch=arch, n_ids=dls.n_ids, n_periods=n_periods))
-            if resume and (ckpt/'last.pth').is_file(): start = load_checkpoint(learn, ckpt/'last.pth')['epoch'] + 1
+        if ckpt is not None:
+            run = dict(arch=arch if isinstance(arch, str) else type(arch).__name__, n_ids=dls.n_ids, n_periods=n_periods, epochs_per_period=epochs_per_period)
+            if resume:
+                resumed = load_checkpoint(learn, ckpt/'last.pth', expect=run)
+                start = resumed['epoch'] + 1
+            cbs.append(CheckpointCallback(ckpt, every=checkpoint_every, resumed=resumed, **{**(meta or {}), **run}))
         t0 = time.perf_counter()
         learn.fit(n_periods*epochs_per_period, lr, cbs=cbs, start_epoch=start)
-    train_time = time.perf_counter() - t0
+    train_time = time.perf_counter() - t0 + (resumed or {}).get('train_time_s', 0.)
+    if resumed: _carry_on(learn, resumed, rollback, grads)
     name = name or ('baseline' if n_periods == 1 else f'rollback x{n_periods}')
     return ReIDRun(name, learn, learn.reid_evaluate(), train_time, rollback, grads)
 
@@ -203,9 +232,9 @@ def save_report(runs:dict, # {name: ReIDRun}
     "Write results.json, results.csv and the plots (loss, CMC, block gradients, ranked results) to `out`"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     table = results_table(runs)
-    table.to_csv(out/'results.csv', index_label='run')
+    atomic_write(out/'results.csv', lambda f: table.to_csv(f, index_label='run'))
     doc = {'config': config or {}, 'runs': {n: {**r.as_dict(), 'rollback_epochs': r.rollback_epochs} for n,r in runs.items()}}
-    (out/'results.json').write_text(json.dumps(doc, indent=2))
+    atomic_write(out/'results.json', lambda f: f.write(json.dumps(doc, indent=2).encode()))
     def _save(fig, fname): fig.savefig(out/fname, dpi=90, bbox_inches='tight'); plt.close(fig)
     _save(plot_losses(runs).figure, 'loss.png')
     _save(plot_cmc(*[r.result for r in runs.values()], labels=list(runs)).figure, 'cmc.png')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_learner.ipynb #8fcb7e24
 from __future__ import annotations
-import math
+import math, inspect
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -20,7 +20,7 @@ import fastai.callback.all  # fastai's standard callbacks: progress table, `fit_
 import matplotlib.pyplot as plt
 from PIL import Image
 from .model import ReIDModel, ReIDLoss, reid_splitter, unwrap_model
-from .metrics import reid_metrics, reid_dist, protocol_mask
+from .metrics import reid_metrics, reid_dist, protocol_mask, _check_int
 
 # %% auto #0
 __all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner',
@@ -118,6 +118,7 @@ def _check_eval_dl(dl, name):
     "Raise a `ValueError` unless `dl` looks like a query/gallery DataLoader"
     if dl is None or not hasattr(dl, 'pids') or not hasattr(dl, 'camids'): raise ValueError(
         f"{name}: expected a DataLoader with .pids and .camids (dls.query / dls.gallery from reid_dls), got {type(dl).__name__}")
+    if len(dl.pids) == 0: raise ValueError(f"{name}: the DataLoader holds no image")
 
 @patch
 def reid_features(self:Learner, dl, # a DataLoader with `.pids`/`.camids` (e.g. `dls.query`)
@@ -163,6 +164,17 @@ def reid_evaluate(self:Learner, query=None, # query DataLoader (default `learn.d
     gf,gp,gc = self.reid_features(gallery, flip=flip)
     return reid_metrics(qf, gf, qp, gp, qc, gc, **kwargs)
 
+# %% ../nbs/04_learner.ipynb #7c0443c3
+def _check_eval_options(kwargs:dict):
+    "Raise now what evaluating with `kwargs` would raise after the first epoch: unknown or bad options, a CMC shorter than rank-10"
+    known = [k for k in inspect.signature(Learner.reid_evaluate).parameters if k not in ('self', 'query', 'gallery', 'flip')]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown: raise ValueError(f"unknown option(s) {unknown}: ReIDEvalCallback passes its keyword arguments to reid_evaluate, which takes {known}")
+    if 'max_rank' in kwargs and _check_int(kwargs['max_rank'], 'max_rank') < 10:
+        raise ValueError(f"max_rank={kwargs['max_rank']}: ReIDEvalCallback records rank-10, so it needs max_rank >= 10")
+    ids,opts = torch.tensor([1, 2]),{k:v for k,v in kwargs.items() if k in inspect.signature(reid_metrics).parameters and k != 'max_rank'}
+    reid_metrics(torch.eye(2), torch.eye(2), ids, ids, ids, ids+1, **opts)  # a 2 x 2 problem checks every other option
+
 # %% ../nbs/04_learner.ipynb #b3bcadd4
 reid_metric_names = ('rank1', 'rank5', 'rank10', 'mAP', 'mINP')
 
@@ -175,12 +187,13 @@ def _result_values(r):
 
 class ReIDEvalCallback(Callback):
     "Evaluates query against gallery every `every` epochs and records rank-1/5/10, mAP and mINP"
-    order = 40  # before the `Recorder` (50) logs the epoch
+    order,_learn = 40,None  # before the `Recorder` (50) logs the epoch
     def __init__(self, every:int=1, # evaluate every `every` epochs (and after the last one); 0 for the last only
                  flip:bool=True, # flip test-time augmentation
                  **kwargs # passed to `reid_metrics` (e.g. `protocol`, `ap`)
                 ):
         if not isinstance(every, int) or every < 0: raise ValueError(f"every={every!r}: expected an int >= 0")
+        _check_eval_options(kwargs)
         store_attr('every,flip'); self.kwargs,self.results,self._active,self._vals = kwargs,{},False,{}
 
     def _value(self, n): return lambda: math.nan if self.learn.training else self._vals.get(n, math.nan)
@@ -204,9 +217,19 @@ class ReIDEvalCallback(Callback):
         r = self.learn.reid_evaluate(flip=self.flip, **self.kwargs)
         self._vals,self.results[self.epoch],self.learn.reid_result = _result_values(r),r,r
 
-    def after_fit(self):
-        if self._active: self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _ReIDMetric)]
+    def after_fit(self): self._drop_metrics(self.learn)
+
+    def _drop_metrics(self, learn):
+        if self._active: learn.metrics = [m for m in learn.metrics if not isinstance(m, _ReIDMetric)]
         self._active = False
+
+    @property
+    def learn(self): return self._learn
+    @learn.setter
+    def learn(self, learn):
+        "fastai sets `learn=None` when it removes the callback, also when a fit given it in `cbs` dies (Ctrl-C, an error): drop the metrics then"
+        if learn is None and self._learn is not None: self._drop_metrics(self._learn)
+        self._learn = learn
 
 # %% ../nbs/04_learner.ipynb #6f64f7b7
 def _show_img(ax, fn, title, colour=None):

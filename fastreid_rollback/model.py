@@ -4,21 +4,23 @@
 
 # %% ../nbs/03_model.ipynb #b558535c
 from __future__ import annotations
-import os, tempfile
+import os, secrets
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
-import torch, torchvision
+import numpy as np, torch, torchvision
 from torch import nn, Tensor
 import torch.nn.functional as F
 from torchvision.models import get_model, get_model_weights, list_models, WeightsEnum
 from fastcore.basics import store_attr, listify
+from fastcore.foundation import L
 from fastai.torch_core import Module
 
 # %% auto #0
-__all__ = ['resnet_blocks', 'resnet_archs', 'create_backbone', 'weights_cache_file', 'load_backbone_weights', 'atomic_save',
-           'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'unwrap_model', 'block_names', 'block_modules',
-           'block_state', 'load_block_state', 'snapshot_blocks', 'reid_splitter', 'save_backbone', 'batch_hard_triplet',
-           'ReIDLoss']
+__all__ = ['resnet_blocks', 'resnet_archs', 'create_backbone', 'weights_cache_file', 'load_state_file', 'load_backbone_weights',
+           'atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'unwrap_model',
+           'block_names', 'block_modules', 'block_state', 'load_block_state', 'snapshot_blocks', 'reid_splitter',
+           'save_backbone', 'batch_hard_triplet', 'ReIDLoss']
 
 # %% ../nbs/03_model.ipynb #19ccafa4
 resnet_blocks = {'stem': ['conv1', 'bn1'], 'layer1': ['layer1'], 'layer2': ['layer2'],
@@ -74,36 +76,64 @@ def _check_keys(got, want, what):
     if missing or unexpected: raise ValueError(f"{what}: missing keys {missing[:6]}{' ...' if len(missing)>6 else ''} ({len(missing)}), "
                                                f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected)>6 else ''} ({len(unexpected)})")
     for k,v in want.items():
+        if not isinstance(got[k], Tensor): raise ValueError(f"{what}: key {k!r} holds a {type(got[k]).__name__}, expected a tensor")
         if got[k].shape != v.shape: raise ValueError(f"{what}: key {k!r} has shape {tuple(got[k].shape)}, expected {tuple(v.shape)}")
 
 # %% ../nbs/03_model.ipynb #fc3c051a
+def _safe_globals():
+    "What fastai optimizer states hold besides tensors (numpy scalars, fastcore's `L`), allowed by `weights_only` loading"
+    return [L, np.dtype, np._core.multiarray.scalar, *[getattr(np.dtypes, n) for n in np.dtypes.__all__]]
+
+def load_state_file(fn, # a file written by `torch.save` (a state dict, or a checkpoint with its optimizer state)
+                    what:str, # how the error names the file, e.g. "pretrained='w.pth'"
+                   ) -> dict:
+    "The dict of tensors in `fn`, read with `weights_only=True`; a `ValueError` naming `fn` when it holds anything else"
+    try:
+        with torch.serialization.safe_globals(_safe_globals()): sd = torch.load(fn, map_location='cpu', weights_only=True)
+    except OSError: raise
+    except Exception as e: raise ValueError(f"{what}: not a state dict file: torch cannot read it as tensors ({type(e).__name__}); "
+                                            "expected a file written by torch.save(model.state_dict(), path)") from None
+    if not isinstance(sd, dict): raise ValueError(f"{what}: holds a {type(sd).__name__}, not a state dict; "
+                                                  "expected a file written by torch.save(model.state_dict(), path)")
+    return sd
+
 def load_backbone_weights(backbone:nn.Module, # the body to load into
-                          pretrained, # True, a torchvision weights enum member or a local state-dict path
+                          pretrained, # True, a torchvision weights enum member, a local state-dict path, or a state dict
                           arch:str=None, # torchvision arch name, needed for `pretrained=True`
                          ):
-    "Load `pretrained` weights into `backbone` from a local file (never downloads); returns the file"
-    fn = _find_weights(pretrained, arch)
+    "Load `pretrained` weights into `backbone` from a local file (never downloads) or a state dict; returns the file (None for a dict)"
+    if isinstance(pretrained, dict): fn,sd,what = None,pretrained,'the state dict'
+    else:
+        fn = _find_weights(pretrained, arch)
+        sd,what = load_state_file(fn, f"pretrained={str(fn)!r}"),f"state-dict file {str(fn)!r}"
     want = backbone.state_dict()
-    sd = _backbone_entries(torch.load(fn, map_location='cpu', weights_only=True), want)
-    _check_keys(sd, want, f"state-dict file {str(fn)!r} does not fit the backbone")
+    sd = _backbone_entries(sd, want)
+    _check_keys(sd, want, f"{what} does not fit the backbone")
     backbone.load_state_dict(sd)
     return fn
 
 # %% ../nbs/03_model.ipynb #bfac9a4f
+def atomic_write(path, # file to write; its folder is created if needed
+                 write, # `write(f)` writes the content into the binary file object `f`
+                ):
+    "Write `path` through a new temporary file in the same folder: `path` is never half-written, and its mode is what the umask gives"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent/f'.{path.name}.{secrets.token_hex(6)}.tmp'
+    f = open(tmp, 'xb')  # a new file, mode 0666 less the umask (`tempfile.mkstemp`'s 0600 would survive the rename)
+    try:
+        with f: write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
 def atomic_save(obj, # anything `torch.save` takes
                 path, # file to write; its folder is created if needed
                ):
-    "`torch.save` `obj` to `path` through a temporary file in the same folder, so `path` is never half-written"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd,tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
+    "`torch.save` `obj` to `path` through a temporary file in the same folder (`atomic_write`), so `path` is never half-written"
+    return atomic_write(path, partial(torch.save, obj))
 
 # %% ../nbs/03_model.ipynb #57c1e605
 class ClassBlock(Module):
@@ -180,7 +210,8 @@ class ReIDModel(Module):
         with_feats:bool=False, # `forward` returns `(logits, pooled feature)` (for the triplet loss)
         **kwargs # passed to the head (`ClassBlock`: hidden, p)
     ):
-        if not isinstance(n_ids, int) or n_ids < 1: raise ValueError(f"n_ids={n_ids!r}: expected the number of training identities (an int >= 1)")
+        if isinstance(n_ids, bool) or not isinstance(n_ids, (int, np.integer)) or n_ids < 1: raise ValueError(f"n_ids={n_ids!r}: expected the number of training identities (an int >= 1)")
+        n_ids = int(n_ids)
         if neck not in _necks: raise ValueError(f"neck={neck!r}: expected one of {list(_necks)}")
         arch = backbone if isinstance(backbone, str) else None
         if arch is not None: backbone = create_backbone(arch)

@@ -4,10 +4,11 @@
 
 # %% ../nbs/01_synthetic.ipynb #13b591dc
 from __future__ import annotations
-import json, os, shutil, tempfile
+import json, os, secrets, shutil, tempfile
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from .metrics import _check_int
 
 # %% auto #0
 __all__ = ['synthetic_reid']
@@ -192,6 +193,25 @@ def _draw_dataset(root:Path, plan, seed, size, quality):
         name = _market_name(pid, cam, 1 + (n-1)//10, 25*n + int(rng.integers(0, 25)), 1)
         _write_jpeg(_render(idt, cams[cam], rng, size, visible=kind!='junk'), root/folder/name, quality)
 
+# %% ../nbs/01_synthetic.ipynb #2e8c0346
+def _check_args(size, quality:int, **counts):
+    "Raise a `ValueError` naming the first bad argument of `synthetic_reid`"
+    lows = dict(n_ids=2, n_cams=2, imgs_per_id_cam=1, id_start=1, cam_start=1, n_distractors=0, n_junk=0, seed=0)
+    for k,v in counts.items(): _check_int(v, k, lows[k])
+    if isinstance(size, (str, bytes)) or not hasattr(size, '__len__') or len(size) != 2 or \
+       not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 16 for s in size):
+        raise ValueError(f"size must be (height, width), two ints >= 16, got {size!r}")
+    if _check_int(quality, 'quality') not in range(1, 96): raise ValueError(f"quality must be in 1..95 (JPEG quality), got {quality}")
+
+def _read_marker(marker:Path) -> dict|None:
+    "The arguments recorded in a dataset's `synthetic_reid.json` (None when it has none); a `ValueError` naming a damaged one"
+    if not marker.exists(): return None
+    try: args = json.loads(marker.read_text())
+    except ValueError as e: args = e
+    if not isinstance(args, dict): raise ValueError(
+        f"{marker} is damaged (not the JSON object synthetic_reid writes): delete {marker.parent} or pass another dest or name")
+    return args
+
 # %% ../nbs/01_synthetic.ipynb #1df99f0b
 def synthetic_reid(
     dest:str|Path, # Folder that receives the dataset folder `name`
@@ -209,23 +229,22 @@ def synthetic_reid(
     overwrite:bool=False, # Replace an existing synthetic dataset made with other arguments
 ) -> Path: # The dataset root `dest/name`, loadable with `market1501`
     "Draw a ReID dataset with persistent identities and camera-specific looks, in the Market-1501 layout"
-    if n_ids < 2: raise ValueError(f"n_ids must be >= 2 (half train, half test), got {n_ids}")
-    if n_cams < 2: raise ValueError(f"n_cams must be >= 2 (queries and gallery come from different cameras), got {n_cams}")
-    if imgs_per_id_cam < 1: raise ValueError(f"imgs_per_id_cam must be >= 1, got {imgs_per_id_cam}")
-    if id_start < 1 or cam_start < 1: raise ValueError(f"id_start and cam_start must be >= 1, got {id_start} and {cam_start}")
-    if len(size)!=2 or min(size) < 16: raise ValueError(f"size must be (height, width) with both >= 16, got {size}")
+    _check_args(size, quality, n_ids=n_ids, n_cams=n_cams, imgs_per_id_cam=imgs_per_id_cam, id_start=id_start, cam_start=cam_start,
+                n_distractors=n_distractors, n_junk=n_junk, seed=seed)
     args = dict(n_ids=n_ids, n_cams=n_cams, imgs_per_id_cam=imgs_per_id_cam, size=[int(s) for s in size], seed=seed,
                 id_start=id_start, cam_start=cam_start, n_distractors=n_distractors, n_junk=n_junk, quality=quality)
     root = Path(dest)/name
     marker = root/'synthetic_reid.json'
     if root.exists():
-        if marker.exists() and json.loads(marker.read_text())==args: return root
-        if not marker.exists() or not overwrite:
+        made = _read_marker(marker)
+        if made==args: return root
+        if made is None or not overwrite:
             raise FileExistsError(f"{root} already exists and was not made by synthetic_reid with these arguments; "
-                                  "pass another `dest` or `name`" + (", or overwrite=True" if marker.exists() else ""))
+                                  "pass another `dest` or `name`" + (", or overwrite=True" if made is not None else ""))
         shutil.rmtree(root)
     Path(dest).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=dest))
+    tmp = Path(dest)/f'.{name}.{secrets.token_hex(6)}'
+    tmp.mkdir()  # mode 0777 less the umask (`tempfile.mkdtemp`'s 0700 would survive the rename)
     try:
         _draw_dataset(tmp, _plan(n_ids, n_cams, imgs_per_id_cam, n_distractors, n_junk, seed, id_start, cam_start),
                       seed, tuple(args['size']), quality)

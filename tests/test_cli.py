@@ -1,9 +1,12 @@
 "End-to-end tests of the `fastreid-rollback` command line: demo, train (and resume), eval, and its errors."
-import json, subprocess, sys
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pandas as pd, pytest, torch
 from fastreid_rollback.model import ReIDModel, save_backbone
-from fastreid_rollback.experiment import read_checkpoint
+from fastreid_rollback.experiment import read_checkpoint, train_reid
+from fastreid_rollback.synthetic import synthetic_reid
+from fastreid_rollback.data import market1501, reid_dls
+from fastai.callback.core import Callback
 
 def cli(*args, cwd=None):
     "Run `python -m fastreid_rollback.cli *args`; return the completed process"
@@ -65,6 +68,67 @@ def test_train_resume_eval(tmp_path, backbone_file):
     assert p.returncode == 0, p.stderr[-3000:]
     ev = json.loads((tmp_path/'ev'/'eval.json').read_text())
     for k in ['rank1', 'mAP', 'mINP']: assert ev[k] == pytest.approx(doc['runs']['rollback'][k], abs=1e-4)
+    # a checkpoint evaluates too (the help says so): the last one holds the final weights
+    p = cli('eval', '--model', ckpts/'last.pth', '--data', data, '--dataset', 'synthetic', '--out', tmp_path/'ev2')
+    assert p.returncode == 0, p.stderr[-3000:]
+    ev2 = json.loads((tmp_path/'ev2'/'eval.json').read_text())
+    for k in ['rank1', 'mAP', 'mINP']: assert ev2[k] == pytest.approx(ev[k], abs=1e-6)
+    # resuming the finished run reports the run, not the instant it took to notice it was finished
+    before = read_checkpoint(ckpts/'last.pth')['meta']
+    p = cli(*train_args(data, tmp_path/'full', backbone_file, '--resume'))
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = json.loads((tmp_path/'full'/'results.json').read_text())['runs']['rollback']
+    assert again['train_time_s'] >= round(before['train_time_s'], 2) > 0 and again['rollback_epochs'] == [2]
+    # resuming with another architecture: one line naming both
+    p = cli(*train_args(data, tmp_path/'full', backbone_file, '--resume', '--arch', 'resnet34', '--pretrained', 'none'))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+    assert "arch='resnet18'" in p.stderr and "arch='resnet34'" in p.stderr
+
+class CtrlC(Callback):
+    "Ctrl-C once epoch `epoch` is over (and checkpointed)"
+    order = 100
+    def __init__(self, epoch): self.stop = epoch
+    def after_epoch(self):
+        if self.epoch == self.stop: raise KeyboardInterrupt()
+
+def test_resumed_run_reports_the_whole_run(tmp_path, backbone_file):
+    "Interrupted after the roll-back then resumed: the roll-backs, gradient records and training time of the whole run"
+    root = synthetic_reid(tmp_path/'syn', n_ids=12, n_cams=2, imgs_per_id_cam=2, size=(32, 16), n_distractors=2, n_junk=1)
+    dls = reid_dls(market1501(root), size=(32, 16), bs=8, seed=0)
+    kw = dict(arch='resnet18', pretrained=backbone_file, n_periods=2, epochs_per_period=2, checkpoint_every=1)
+    full = train_reid(dls, out=tmp_path/'full', **kw)
+    with pytest.raises(KeyboardInterrupt): train_reid(dls, out=tmp_path/'cut', cbs=[CtrlC(2)], **kw)
+    cut = read_checkpoint(tmp_path/'cut'/'checkpoints'/'last.pth')['meta']
+    assert cut['epoch'] == 2 and [e['epoch'] for e in cut['rollback_events']] == [2] and cut['train_time_s'] > 0
+    resumed = train_reid(dls, out=tmp_path/'cut', resume=True, **kw)
+    assert resumed.rollback_epochs == full.rollback_epochs == [2]
+    assert resumed.train_time > cut['train_time_s']
+    assert list(resumed.grads.df.index) == list(full.grads.df.index) == [0, 1, 2, 3] and resumed.grads.rollback_epochs == [2]
+    for k in full.learn.model.state_dict():
+        assert torch.equal(full.learn.model.state_dict()[k], resumed.learn.model.state_dict()[k]), k
+    with pytest.raises(FileNotFoundError, match='nothing to resume'): train_reid(dls, out=tmp_path/'none', resume=True, **kw)
+    with pytest.raises(ValueError, match=r"n_periods=2.*n_periods=1"): train_reid(dls, out=tmp_path/'full', resume=True, **{**kw, 'n_periods': 1, 'epochs_per_period': 4})
+
+def test_ctrl_c_exits_130_then_resumes(tmp_path, backbone_file):
+    "A real Ctrl-C (SIGINT) after the roll-back: one line, exit status 130; --resume then reports the whole run"
+    data = synthetic_reid(tmp_path/'syn', n_ids=12, n_cams=2, imgs_per_id_cam=2, n_distractors=2, n_junk=1)
+    args = train_args(data, tmp_path/'run', backbone_file)
+    args[args.index('--epochs-per-period')+1] = 3                  # 2 periods of 3 epochs
+    p = subprocess.Popen([sys.executable, '-W', 'ignore', '-m', 'fastreid_rollback.cli', *map(str, args)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpts, t0 = tmp_path/'run'/'checkpoints', time.time()
+    while not ((ckpts/'period1.pth').exists() and (ckpts/'last.pth').stat().st_mtime > (ckpts/'period1.pth').stat().st_mtime):
+        assert p.poll() is None and time.time() - t0 < 600, 'the run ended before it could be interrupted'
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)                                   # during epoch 4 of 6: after the roll-back at epoch 3
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 130 and err.strip().splitlines() == ['fastreid-rollback train: interrupted (train --resume continues from the last checkpoint)'], err[-3000:]
+    cut = read_checkpoint(ckpts/'last.pth')['meta']
+    assert cut['epoch'] >= 3 and [e['epoch'] for e in cut['rollback_events']] == [3]
+    q = cli(*args, '--resume')
+    assert q.returncode == 0, q.stderr[-3000:]
+    run = json.loads((tmp_path/'run'/'results.json').read_text())['runs']['rollback']
+    assert run['rollback_epochs'] == [3] and run['train_time_s'] >= round(cut['train_time_s'], 2)
 
 @pytest.mark.parametrize('args,expected', [
     (['train', '--data', '/nonexistent/market', '--dataset', 'market1501'], '/nonexistent/market'),
@@ -72,21 +136,61 @@ def test_train_resume_eval(tmp_path, backbone_file):
     (['train', '--data', '{syn}', '--dataset', 'synthetic', '--arch', 'vgg16', '--pretrained', 'none'], 'vgg16'),
     (['train', '--data', '{syn}', '--dataset', 'synthetic', '--arch', 'resnet18', '--pretrained', 'imagenet'], 'torch hub cache'),
     (['train', '--data', '{syn}', '--dataset', 'market1501', '--pretrained', '/nonexistent/w.pth'], '/nonexistent/w.pth'),
+    (['train', '--data', '{syn}', '--dataset', 'synthetic', '--arch', 'resnet18', '--pretrained', '{bb}', '--periods', '6', '--epochs-per-period', '1'], 'n_periods=6'),
+    (['train', '--data', '{syn}', '--dataset', 'synthetic', '--arch', 'resnet18', '--pretrained', 'none', '--out', '{empty}', '--resume'], 'nothing to resume'),
+    (['train', '--data', '{syn}', '--dataset', 'synthetic', '--out', '{file}'], 'is a file'),
+    (['train', '--data', '{syn}', '--dataset', 'synthetic', '--out', '/sys/fastreid_rollback_test'], 'cannot write there'),
+    (['train', '--bs', 'x'], 'argument --bs'),
+    (['train', '--size', '64'], 'argument --size'),
+    (['train', '--periods', '0'], '--periods must be >= 1, got 0'),
+    (['train', '--data', '{syn}', '--dataset', 'synthetic', '--bs', '1', '--arch', 'resnet18', '--pretrained', '{bb}'], 'bs=1'),
     (['eval', '--model', '/nonexistent/model.pth', '--data', '.'], '/nonexistent/model.pth'),
+    (['eval', '--data', '.'], '--model is required'),
+    (['eval', '--model', '{garbage}', '--data', '{syn}', '--dataset', 'synthetic'], '{garbage}'),
+    (['eval', '--model', '{file}', '--data', '{syn}', '--dataset', 'synthetic'], '{file}'),
+    (['eval', '--model', '{bb}', '--data', '{syn}', '--dataset', 'synthetic'], 'not a checkpoint'),
+    (['demo', '--out', '{userdir}'], 'holds files no demo wrote'),
+    (['demo', '--out', '{file}'], 'is a file'),
+    (['demo', '--out', '{file}/sub'], 'is a file'),
+    (['fly'], "unknown command 'fly'"),
+    ([], 'no command'),
 ])
-def test_errors(tmp_path, args, expected):
-    "User errors end with one clear line on stderr and exit status 2, not a traceback"
-    from fastreid_rollback.synthetic import synthetic_reid
+def test_errors(tmp_path, backbone_file, args, expected, monkeypatch, capsys):
+    "User errors end with one clear line on stderr and exit status 2, not a traceback (`main` in this process: quicker)"
     syn = synthetic_reid(tmp_path, n_ids=8, n_cams=2, imgs_per_id_cam=1, n_distractors=1, n_junk=1)
-    p = cli(*[a.format(syn=syn) for a in args])
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr
-    assert lines[0].startswith('fastreid-rollback ') and expected in lines[0], lines[0]
+    (tmp_path/'notes.txt').write_text('a text file\n')
+    (tmp_path/'garbage.pth').write_bytes(bytes(range(256))*8)
+    (tmp_path/'empty').mkdir(); (tmp_path/'mine').mkdir(); (tmp_path/'mine'/'results.csv').write_text('my results\n')
+    names = dict(syn=syn, bb=backbone_file, file=tmp_path/'notes.txt', garbage=tmp_path/'garbage.pth', empty=tmp_path/'empty', userdir=tmp_path/'mine')
+    monkeypatch.chdir(tmp_path)
+    from fastreid_rollback.cli import main
+    code, err = main([a.format(**names) for a in args]), capsys.readouterr().err
+    assert code == 2, (code, err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'weights_only' not in err, err
+    assert lines[0].startswith('fastreid-rollback') and expected.format(**names) in lines[0], lines[0]
+    assert (tmp_path/'mine'/'results.csv').read_text() == 'my results\n' and (tmp_path/'notes.txt').read_text() == 'a text file\n'
+    assert not (tmp_path/'runs').exists()                         # a refused command leaves no output folder behind
 
-def test_unknown_command():
-    p = cli('fly')
-    assert p.returncode == 2 and 'usage: fastreid-rollback' in p.stderr
+def test_errors_exit_status(tmp_path):
+    "The console process itself: one line, status 2, no traceback"
+    for args in (['fly'], ['train', '--data', tmp_path/'nowhere', '--dataset', 'market1501', '--out', tmp_path/'o'], ['eval', '--bs', 'x']):
+        p = cli(*args)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and 'Traceback' not in p.stderr, p.stderr
+
+def test_help_lists_commands():
+    p = cli('--help')
+    assert p.returncode == 0
+    from fastreid_rollback.cli import commands
+    for name,f in commands.items(): assert f"  {name}" in p.stdout and f.__doc__.splitlines()[0] in p.stdout, p.stdout
+
+def test_demo_refuses_other_settings(tmp_path):
+    "The folder of a demo made with other settings is not replaced without --overwrite (which the message names)"
+    from fastreid_rollback.cli import demo, _is_demo_output
+    synthetic_reid(tmp_path/'old'/'data', n_ids=4, imgs_per_id_cam=1, seed=5)   # what an earlier demo leaves first
+    assert _is_demo_output(tmp_path/'old')
+    p = cli('demo', '--out', tmp_path/'old', '--quick')
+    assert p.returncode == 2 and '--overwrite' in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 @pytest.fixture(scope='module')
 def reid_files(tmp_path_factory):

@@ -1,5 +1,6 @@
 "Tests of the ReID readers, DataBlock, DataLoaders and PK sampler (fixture trees use each dataset's real naming)."
-import random, warnings
+import os, re, random, signal, string, tempfile, warnings
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
@@ -8,7 +9,8 @@ from fastai.vision.all import Learner, vision_learner, resnet18, CrossEntropyLos
 from torch import nn
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import *
-from fastreid_rollback.data import pk_batches, ReIDDL, ReIDDataLoaders
+from fastreid_rollback.data import pk_batches, ReIDDL, ReIDDataLoaders, _pk_n_batches
+from hypothesis import given, settings, strategies as st
 
 def img(fn, colour=(120, 60, 30), size=(16, 32)):
     fn.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def test_dukemtmc_reid(tmp_path):
 def test_msmt17(tmp_path, v2):
     root = msmt_tree(tmp_path, v2)
     df = msmt17(tmp_path)
-    check_df(df, 6, {0, 1})
+    check_df(df, 6, {1, 2})                                         # the lists' identities plus 1
     assert len(df[df.split == 'train']) == 3                       # list_val is left out by default
     assert sorted(df[df.split == 'gallery'].camid) == [3, 15]
     assert df[df.split == 'query'].camid.tolist() == [12]
@@ -306,3 +308,191 @@ def test_fit_pk(small):
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss())
     learn.fit(1, 1e-2)
     assert learn.recorder.losses and all(np.isfinite(float(l)) for l in learn.recorder.losses)
+
+# ---------------------------------------------------------------- bad arguments and odd input: clear errors, no hang
+@contextmanager
+def no_hang(seconds=20):
+    "Fail with TimeoutError instead of hanging"
+    def _raise(*_): raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, _raise); signal.alarm(seconds)
+    try: yield
+    finally: signal.alarm(0); signal.signal(signal.SIGALRM, old)
+
+@pytest.mark.parametrize('kw,word', [(dict(p=-1), 'p must be >= 1, got -1'), (dict(p=0), 'p must be >= 1, got 0'),
+                                     (dict(k=0), 'k must be >= 1, got 0'), (dict(k=-1), 'k must be >= 1, got -1'),
+                                     (dict(p=2.5), 'p must be an int, got 2.5'), (dict(p=1, k=1), 'p*k=1'), (dict(p=7), 'p=7')])
+def test_pk_bad_arguments(small, kw, word):
+    "Bad p/k: a ValueError naming the argument when the DataLoaders are built, not a hang or a crash later"
+    with no_hang(), pytest.raises(ValueError, match=re.escape(word)):
+        dl = reid_dls(small, size=(32, 16), sampler='pk', **{'p': 3, 'k': 2, **kw}).train
+        len(dl), dl.get_idxs()
+
+def test_pk_functions_check_p_k():
+    with no_hang():
+        for p,k in [(-1, 2), (0, 2), (2, 0), (2, -1)]:
+            with pytest.raises(ValueError, match=f'p must be >= 1, got {p}' if p < 1 else f'k must be >= 1, got {k}'):
+                pk_batches(np.arange(8)//2, p, k, np.random.default_rng(0))
+        with pytest.raises(ValueError, match='p must be >= 1, got -1'): _pk_n_batches([1, 2, 3], -1)
+
+@pytest.mark.parametrize('kw,word', [(dict(bs=0), 'bs must be >= 1, got 0'), (dict(bs=-3), 'bs must be >= 1, got -3'),
+                                     (dict(bs=2.5), 'bs must be an int, got 2.5'), (dict(bs=None), 'bs must be an int, got None'),
+                                     (dict(bs=0, sampler='pk', p=3, k=2), 'bs must be >= 1, got 0')])
+def test_bs_checked(small, kw, word):
+    with no_hang(), pytest.raises(ValueError, match=re.escape(word)): len(reid_dls(small, size=(32, 16), **kw).train)
+
+@pytest.mark.parametrize('kw,word', [(dict(bs=1), 'bs=1: a training batch needs at least 2 images'),   # BatchNorm fails on one
+                                     (dict(bs=55), 'bs=55 is more than the 54 training images'),       # no full batch: nothing trained
+                                     (dict(bs=40, valid_pct=0.34), 'bs=40 is more than the 36 training images')])
+def test_training_refuses_bad_batches(small, kw, word):
+    "A fit whose training batches would be of one image or none stops at once with the reason"
+    dls = reid_dls(small, size=(32, 16), seed=0, **kw)
+    learn = Learner(dls, nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, dls.n_ids)),
+                    loss_func=nn.CrossEntropyLoss())
+    with no_hang(), pytest.raises(ValueError, match=re.escape(word)): learn.fit(1, 1e-2)
+    assert len(dls.query) == -(-len(dls.query.dataset)//dls.query.bs)   # evaluation batches are fine
+
+@pytest.mark.parametrize('kw,msg', [(dict(size=(0, 16)), 'size must be (height, width)'), (dict(size=(32.5, 16)), 'size must be (height, width)'),
+                                    (dict(size='32x16'), 'size must be (height, width)'), (dict(size=(32, 16, 3)), 'size must be (height, width)'),
+                                    (dict(erasing=1.5), 'erasing must be a probability'), (dict(erasing=-0.1), 'erasing must be a probability')])
+def test_transform_arguments_checked(small, kw, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)): reid_dls(small, **{'size': (32, 16), **kw})
+
+def test_bs_edges_work(small):
+    dls = reid_dls(small, size=(32, 16), bs=54)                    # every training image in one batch
+    assert len(dls.train) == 1 and len(dls.train.one_batch()[1]) == 54
+    dls = reid_dls(small, size=(32, 16), bs=1, sampler='pk', p=2, k=2)   # bs is only the evaluation batch size here
+    assert dls.train.bs == 4 and dls.query.bs == 1 and len(dls.query) == len(dls.query.dataset)
+
+def test_empty_eval_sets_have_no_loader(small):
+    dls = reid_dls(small, size=(32, 16), bs=8)
+    two = ReIDDataLoaders(dls.train, dls.valid)                    # no query/gallery loaders: None, not an IndexError
+    assert two.query is None and two.gallery is None
+
+def with_value(df, col, row, value):
+    df = df.copy().astype({col: object})
+    df.loc[row, col] = value
+    return df
+
+@pytest.mark.parametrize('col,value', [('camid', np.nan), ('camid', None), ('camid', 1.5), ('camid', 'c1'),
+                                       ('pid', np.nan), ('pid', 7.5), ('pid', 'seven'), ('pid', -2), ('pid', True), ('pid', 2**70)])
+@pytest.mark.parametrize('split', ['train', 'query', 'gallery'])
+def test_ids_checked_where_the_df_enters(small, col, value, split):
+    "NaN, fractional, string, boolean, huge ids and pids below -1: a ValueError naming the column and the row"
+    row = small.index[small.split == split][1]
+    with pytest.raises(ValueError, match=rf"column {col!r}.*row {row}\b"): reid_dls(with_value(small, col, row, value), size=(32, 16))
+
+def test_reid_dl_checks_ids(small):
+    dls = reid_dls(small, size=(32, 16), bs=8)
+    q = small[small.split == 'query']
+    with pytest.raises(ValueError, match=rf"column 'camid', row {q.index[0]}: nan"): dls.reid_dl(with_value(q, 'camid', q.index[0], np.nan))
+    assert dls.reid_dl(q.astype({'pid': float})).pids.tolist() == q.pid.tolist()
+    with pytest.raises(ValueError, match='df has no row'): dls.reid_dl(q.iloc[:0])
+
+def test_integral_float_ids_are_ints(small):
+    "A DataFrame read from a CSV with floats 7.0 works: ids become int64"
+    df = small.astype({'pid': float, 'camid': float})
+    dls = reid_dls(df, size=(32, 16), bs=8)
+    assert dls.query.pids.dtype == torch.long and dls.query.pids.tolist() == small[small.split == 'query'].pid.tolist()
+    assert list(dls.vocab) == [1, 2, 3, 4, 5, 6]
+
+def test_pid_zero_outside_gallery_warns(small):
+    "pid 0 marks distractors, -1 junk (gallery only): a DataFrame numbering identities from 0 is told"
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        reid_dls(small, size=(32, 16), bs=8)                       # the Market convention: no warning
+    df = small[small.pid > 0].assign(pid=lambda d: d.pid - 1)      # identities numbered from 0
+    with pytest.warns(UserWarning, match=r"9 'train' rows have pid 0.*distractor.*number them from 1"): reid_dls(df, size=(32, 16), bs=8)
+    df = with_value(small, 'pid', small.index[small.split == 'query'][0], 0)
+    with pytest.warns(UserWarning, match=r"1 'query' row has pid 0"): reid_dls(df, size=(32, 16), bs=8)
+
+# ---------------------------------------------------------------- readers: odd files
+@pytest.mark.parametrize('reader,tree,old,new', [
+    (market1501, market_tree, 'bounding_box_train/0002_c1s1_000451_03.jpg', 'bounding_box_train/0002_c1s1_000451_03.png'),
+    (market1501, market_tree, 'query/0001_c1s1_001051_00.jpg', 'query/0001_c1s1_001051_00.JPG'),
+    (market1501, market_tree, 'bounding_box_test/0003_c5s1_000126_02.jpg', 'bounding_box_test/0003_c5s1_000126_02.jpeg'),
+    (dukemtmc_reid, duke_tree, 'query/0005_c2_f0046985.jpg', 'query/0005_c2_f0046985.PNG'),
+    (cuhk03_np, cuhk_tree, 'labeled/query/0700_c1_1.png', 'labeled/query/0700_c1_1.JPG')])
+def test_other_image_formats_are_read(tmp_path, reader, tree, old, new):
+    root = tree(tmp_path)
+    n = len(reader(root))
+    (root/old).unlink(); img(root/new)
+    df = reader(root)
+    assert len(df) == n and (root/new).resolve() in set(df.path)
+
+def test_symlink_loop_named(tmp_path):
+    root = market_tree(tmp_path)
+    loop = root/'query'/'0005_c1s1_000001_00.jpg'
+    os.symlink(loop.name, loop)                                    # a link to itself
+    with pytest.raises(ValueError, match=re.escape(str(loop))): market1501(root)
+
+def test_binary_msmt_list_named(tmp_path):
+    root = msmt_tree(tmp_path)
+    (root/'list_query.txt').write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r'list_query\.txt.*not a text file'): msmt17(root)
+
+def test_msmt17_ids_from_one(tmp_path):
+    "MSMT17 numbers identities from 0; pid 0 means a distractor here, so the reader adds 1 (else identity 0's queries are dropped)"
+    df = msmt17(msmt_tree(tmp_path))
+    assert set(df.pid) == {1, 2, 3} and (df.pid > 0).all()
+
+def test_cuhk03_hints_kind(tmp_path):
+    root = cuhk_tree(tmp_path)
+    import shutil; shutil.rmtree(root/'labeled')
+    with pytest.raises(FileNotFoundError, match="kind='detected'"): cuhk03_np(root)
+    assert len(cuhk03_np(root, kind='detected')) == 6
+
+# ---------------------------------------------------------------- readers: property-based tests of the file names
+def write_tree(root, names_by_dir):
+    for d in ('bounding_box_train', 'query', 'bounding_box_test'): (root/d).mkdir(parents=True, exist_ok=True)
+    for d,names in names_by_dir.items():
+        for n in names: (root/d/n).write_bytes(b'')               # the readers parse names; they do not open images
+
+exts = st.sampled_from(['.jpg', '.JPG', '.jpeg', '.Jpeg', '.png', '.PNG'])
+pids,cams,nums = st.integers(-1, 99999), st.integers(0, 99), st.integers(0, 999999)
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(pids, cams, nums, nums, exts), min_size=3, max_size=12, unique_by=lambda t: t[:4]))
+def test_market_names_round_trip(boxes):
+    "Every valid Market-1501 name is read back with its identity and camera, whatever the image extension"
+    with tempfile.TemporaryDirectory() as d:
+        names = [f"{'-1' if p == -1 else f'{p:04d}'}_c{c}s{s % 10}_{f:06d}_{f % 100:02d}{e}" for p,c,s,f,e in boxes]
+        dirs = {'bounding_box_train': names[0::3], 'query': names[1::3], 'bounding_box_test': names[2::3]}
+        write_tree(Path(d), dirs)
+        df = market1501(d)
+        got = {(p.name, pid, cam) for p,pid,cam in zip(df.path, df.pid, df.camid)}
+        assert got == {(n, p, c) for n,(p,c,*_) in zip(names, boxes)}
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(pids, cams, nums, exts), min_size=3, max_size=12, unique_by=lambda t: t[:3]))
+def test_duke_names_round_trip(boxes):
+    with tempfile.TemporaryDirectory() as d:
+        names = [f"{p:04d}_c{c}_f{f:07d}{e}" for p,c,f,e in boxes]
+        write_tree(Path(d), {'bounding_box_train': names[0::3], 'query': names[1::3], 'bounding_box_test': names[2::3]})
+        df = dukemtmc_reid(d)
+        assert sorted(zip(df.pid, df.camid)) == sorted((p, c) for p,c,*_ in boxes)
+
+odd_names = st.text(st.characters(blacklist_characters='/\x00', blacklist_categories=('Cs',)), min_size=1, max_size=40).filter(lambda n: n not in ('.', '..'))
+
+@settings(max_examples=80, deadline=None)
+@given(odd_names, st.sampled_from(['', '.jpg', '.png', '.JPG', '.txt']))
+def test_odd_names_named_or_ignored(name, ext):
+    "Any other file name is ignored (not an image) or read, or gives a ValueError naming the file: never another error"
+    with tempfile.TemporaryDirectory() as d:
+        good = {'bounding_box_train': ['0001_c1s1_000001_01.jpg'], 'query': ['0002_c1s1_000001_01.jpg'], 'bounding_box_test': ['0002_c2s1_000001_01.jpg']}
+        write_tree(Path(d), good)
+        try: (Path(d)/'query'/(name+ext)).write_bytes(b'')
+        except OSError: return                                      # a name the file system refuses (too long, ...)
+        try: df = market1501(d)
+        except ValueError as e: assert (name+ext) in str(e); return
+        assert set(df.pid) <= {1, 2} or Path(d, 'query', name+ext).resolve() in set(df.path)
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(st.characters(blacklist_characters='\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029', blacklist_categories=('Cs',)), max_size=40), min_size=1, max_size=3))
+def test_msmt_odd_lines_named(lines):
+    "Any MSMT17 list line is read, or gives a ValueError naming the list and the line"
+    with tempfile.TemporaryDirectory() as d:
+        root = msmt_tree(Path(d))
+        with open(root/'list_gallery.txt', 'a') as f: f.write(''.join(l+'\n' for l in lines))
+        try: msmt17(root)
+        except ValueError as e: assert 'list_gallery.txt' in str(e) and re.search(r'line \d+', str(e))
+        except FileNotFoundError as e: assert 'list_gallery.txt' in str(e)

@@ -1,5 +1,6 @@
 "Checks of `fastreid_rollback.learner` beyond the notebook: failure cases, recorder integration, precision, plots"
-import math, warnings, pytest, torch
+import math, re, warnings, pytest, torch
+from contextlib import nullcontext
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from torch import nn
@@ -7,8 +8,9 @@ from fastai.learner import Learner
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.progress import CSVLogger
 from fastai.torch_core import set_seed
+from fastai.callback.core import Callback, CancelFitException
 from fastreid_rollback.synthetic import synthetic_reid
-from fastreid_rollback.data import market1501, reid_dls
+from fastreid_rollback.data import market1501, reid_dls, ReIDDataLoaders
 from fastreid_rollback.model import ReIDModel, block_modules
 from fastreid_rollback.metrics import reid_metrics
 from fastreid_rollback.learner import *
@@ -81,6 +83,48 @@ def test_eval_callback_needs_query_gallery(dls):
     with pytest.raises(ValueError, match='every=-1'): ReIDEvalCallback(every=-1)
     with pytest.raises(ValueError, match='query: expected a DataLoader with .pids'): learn.reid_evaluate(query=torch.utils.data.DataLoader(range(3)))
 
+
+@pytest.mark.parametrize('kw,msg', [(dict(max_rank=5), 'max_rank=5: ReIDEvalCallback records rank-10'), (dict(max_rank='10'), 'max_rank must be an int'),
+                                    (dict(protocol='viper'), 'protocol'), (dict(ap='interpolated'), 'ap'), (dict(chunk_size=0), 'chunk_size'),
+                                    (dict(dist='manhattan'), 'dist'), (dict(max_rnk=20), "unknown option(s) ['max_rnk']")])
+def test_eval_callback_options_checked_at_once(kw, msg):
+    "A bad option fails when the callback is made, not after a whole epoch of training"
+    with pytest.raises(ValueError, match=re.escape(msg)): ReIDEvalCallback(**kw)
+
+def test_eval_callback_max_rank_10_works(dls):
+    learn = _learner(dls, cbs=ReIDEvalCallback(max_rank=10))
+    learn.fit(1, 0.01)
+    assert len(learn.reid_result.cmc) == 10 and math.isfinite(learn.recorder.values[-1][-1])
+
+class Interrupt(Callback):
+    "Ends a fit at its second batch with `exc`"
+    def __init__(self, exc): self.exc = exc
+    def after_batch(self):
+        if self.iter == 1: raise self.exc('stop')
+
+@pytest.mark.parametrize('exc', [KeyboardInterrupt, RuntimeError, CancelFitException])
+@pytest.mark.parametrize('where', ['fit', 'learner'])
+def test_eval_callback_leaves_learner_as_found(dls, exc, where):
+    "Whatever ends a fit (Ctrl-C, an error, a cancel), the ReID metrics do not outlive their callback: a plain fit works after"
+    learn = _learner(dls, cbs=ReIDEvalCallback() if where == 'learner' else None)
+    names = [m.name for m in learn.metrics]
+    cbs = [Interrupt(exc)] + ([ReIDEvalCallback()] if where == 'fit' else [])
+    with nullcontext() if exc is CancelFitException else pytest.raises(exc): learn.fit(1, 0.01, cbs=cbs)
+    if where == 'learner': learn.remove_cb(ReIDEvalCallback)
+    assert [m.name for m in learn.metrics] == names
+    learn.fit(1, 0.01)
+    assert list(learn.recorder.metric_names) == ['epoch', 'train_loss', 'time'] and math.isfinite(learn.recorder.values[-1][0])
+
+def test_reid_evaluate_without_eval_sets(dls, df):
+    learn = _learner(dls)
+    learn.dls = ReIDDataLoaders(dls.train, dls.valid)                   # DataLoaders without query and gallery
+    with pytest.raises(ValueError, match='learn.dls has no query DataLoader'): learn.reid_evaluate()
+    learn.dls = dls
+    empty = dls.valid                                                    # valid_pct=0: an empty ReIDDL
+    assert len(empty.dataset) == 0
+    with pytest.raises(ValueError, match='query: the DataLoader holds no image'): learn.reid_evaluate(query=empty)
+    with pytest.raises(ValueError, match='gallery: the DataLoader holds no image'): learn.reid_evaluate(gallery=empty)
+    with pytest.raises(ValueError, match='dl: the DataLoader holds no image'): learn.reid_features(empty)
 
 def test_ids_must_fit_the_head(dls, df):
     with pytest.raises(ValueError, match=f'classifies {dls.n_ids+3} identities but dls has {dls.n_ids}'):

@@ -1,5 +1,5 @@
 "Failure cases and compatibility checks of `fastreid_rollback.model` that do not fit the notebook"
-import pytest, torch
+import os, pickle, pytest, torch
 from pathlib import Path
 from torch import nn
 from torchvision.models import get_model, ResNet18_Weights
@@ -65,6 +65,27 @@ def test_local_file_errors(tmp_path):
     with pytest.raises(ValueError, match='pretrained=3'): ReIDModel('resnet18', n_ids=3, pretrained=3)
 
 
+def write_unusable(fn, content):
+    "Files that are no state dict"
+    if content == 'garbage': fn.write_bytes(bytes(range(256))*8)
+    elif content == 'text': fn.write_text('these are not weights\n')
+    elif content == 'empty': fn.write_bytes(b'')
+    elif content == 'pickle': fn.write_bytes(pickle.dumps({'a': 1}))             # plain pickle, not torch.save
+    elif content == 'list': torch.save([torch.zeros(2)], fn)
+    elif content == 'tensor': torch.save(torch.zeros(2), fn)
+    elif content == 'module': torch.save(nn.Linear(2, 2), fn)                  # a whole module, not its state dict
+    return fn
+
+@pytest.mark.parametrize('content', ['garbage', 'text', 'empty', 'pickle', 'list', 'tensor', 'module'])
+def test_unusable_pretrained_file_named(tmp_path, content):
+    "A file that is no state dict: a ValueError naming it, never torch's advice to load untrusted pickles"
+    fn = write_unusable(tmp_path/f'{content}.pth', content)
+    with pytest.raises(ValueError) as e: ReIDModel('resnet18', n_ids=3, pretrained=fn)
+    msg = str(e.value)
+    assert str(fn) in msg and 'weights_only' not in msg and 'state dict' in msg, msg
+    assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)   # no chained torch message either
+
+
 def test_loads_fastai_and_ddp_files(tmp_path):
     src = ReIDModel('resnet18', n_ids=4)
     torch.save({'model': src.state_dict(), 'opt': {}}, tmp_path/'learn.pth')     # as fastai's learn.save writes
@@ -77,6 +98,8 @@ def test_loads_fastai_and_ddp_files(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="arch='vgg16'"): ReIDModel('vgg16', n_ids=3)
     with pytest.raises(ValueError, match='n_ids=0'): ReIDModel('resnet18', n_ids=0)
+    with pytest.raises(ValueError, match='n_ids=2.5'): ReIDModel('resnet18', n_ids=2.5)
+    with pytest.raises(ValueError, match='n_ids=True'): ReIDModel('resnet18', n_ids=True)
     with pytest.raises(ValueError, match="neck='fancy'"): ReIDModel('resnet18', n_ids=3, neck='fancy')
     with pytest.raises(ValueError, match="no module 'layer5' for block 'layer5'"):
         ReIDModel(get_model('resnet18'), n_ids=3, blocks=['layer1', 'layer5'])
@@ -84,6 +107,11 @@ def test_bad_arguments():
         ReIDModel(nn.Sequential(nn.Conv2d(3, 4, 3)), n_ids=3, blocks=['0'], pretrained=True)
     with pytest.raises(ValueError, match='expected a ReIDModel'): reid_splitter(nn.Linear(2, 2))
 
+
+def test_numpy_n_ids():
+    import numpy as np
+    m = ReIDModel('resnet18', n_ids=np.int64(7))                              # e.g. a count from pandas
+    assert m.n_ids == 7 and type(m.n_ids) is int and m.head.classifier.out_features == 7
 
 @pytest.mark.parametrize('arch', ['resnet34', 'resnext50_32x4d', 'wide_resnet50_2'])
 def test_every_resnet_family(arch):
@@ -151,6 +179,25 @@ def test_save_backbone_is_atomic_and_loadable(tmp_path):
     assert not any(k.startswith(('fc.', 'head.')) for k in sd)
     m2 = ReIDModel(get_model('resnet18'), n_ids=2, pretrained=fn)
     assert torch.equal(m2.backbone.bn1.running_mean, m.backbone.bn1.running_mean)
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077, 0o002])
+def test_atomic_save_respects_umask(tmp_path, umask):
+    "The file's mode is what the umask gives a new file (the temporary file's 0600 must not survive the rename)"
+    old = os.umask(umask)
+    try:
+        fn = atomic_save({'x': torch.zeros(2)}, tmp_path/'a.pth')
+        assert fn.stat().st_mode & 0o777 == 0o666 & ~umask
+        atomic_save({'x': torch.ones(2)}, fn)                                  # replacing a file: same rule
+        assert fn.stat().st_mode & 0o777 == 0o666 & ~umask and torch.load(fn)['x'].sum() == 2
+    finally: os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ['a.pth']
+
+
+def test_atomic_save_failure_keeps_the_old_file(tmp_path):
+    fn = atomic_save({'x': torch.zeros(2)}, tmp_path/'a.pth')
+    with pytest.raises(Exception): atomic_save({'x': lambda: 0}, fn)          # unpicklable
+    assert torch.equal(torch.load(fn)['x'], torch.zeros(2)) and [p.name for p in tmp_path.iterdir()] == ['a.pth']
 
 
 def test_triplet_loss_grad_and_half():

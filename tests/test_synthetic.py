@@ -1,5 +1,5 @@
 "Tests of `synthetic_reid`: layout, determinism, disjoint domains, errors."
-import hashlib, random
+import hashlib, json, os, random, re
 from pathlib import Path
 import numpy as np, pytest
 from PIL import Image
@@ -81,3 +81,31 @@ def test_cached_and_errors(tmp_path):
     for kw,word in [(dict(n_ids=1), 'n_ids'), (dict(n_cams=1), 'n_cams'), (dict(imgs_per_id_cam=0), 'imgs_per_id_cam'),
                     (dict(id_start=0), 'id_start'), (dict(size=(8, 4)), 'size')]:
         with pytest.raises(ValueError, match=word): synthetic_reid(tmp_path/'e', **kw)
+
+@pytest.mark.parametrize('kw,msg', [(dict(seed=-1), 'seed must be >= 0, got -1'), (dict(seed=1.5), 'seed must be an int, got 1.5'),
+                                    (dict(size=64), 'size must be (height, width)'), (dict(size=(64,)), 'size must be (height, width)'),
+                                    (dict(size='64x32'), 'size must be (height, width)'), (dict(size=(64.5, 32)), 'size must be (height, width)'),
+                                    (dict(n_distractors=-1), 'n_distractors must be >= 0, got -1'), (dict(n_junk=-2), 'n_junk must be >= 0, got -2'),
+                                    (dict(quality=500), 'quality must be in 1..95'), (dict(quality=0), 'quality must be in 1..95'),
+                                    (dict(n_ids=6.5), 'n_ids must be an int'), (dict(n_cams=True), 'n_cams must be an int')])
+def test_bad_arguments_named(tmp_path, kw, msg):
+    "Every bad argument: a ValueError naming it, before anything is written"
+    with pytest.raises(ValueError, match=re.escape(msg)): synthetic_reid(tmp_path/'d', **{**SMALL, **kw})
+    assert not (tmp_path/'d').exists()
+
+@pytest.mark.parametrize('text', ['{"n_ids": 6,', '[1, 2]', '\udcff'])
+def test_damaged_marker_named(tmp_path, text):
+    root = synthetic_reid(tmp_path, **SMALL)
+    before = files(root/'query')
+    (root/'synthetic_reid.json').write_bytes(text.encode('utf-8', 'surrogateescape'))
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match='synthetic_reid.json'): synthetic_reid(tmp_path, **SMALL, overwrite=overwrite)
+    assert files(root/'query') == before                           # nothing deleted
+
+def test_modes_follow_the_umask(tmp_path):
+    "The dataset folder is not left with the temporary folder's mode 0700"
+    old = os.umask(0o022)
+    try: root = synthetic_reid(tmp_path, **SMALL)
+    finally: os.umask(old)
+    assert root.stat().st_mode & 0o777 == 0o755 and (root/'query').stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in root.rglob('*') if f.is_file()} == {0o644}
