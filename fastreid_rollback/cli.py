@@ -106,18 +106,22 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
              bs:int=64, # batch size of the feature extraction
              workers:int=None, # DataLoader workers
              out:str=None, # write the metrics to out/eval.json too
+             rerank:store_true=False, # also the metrics after k-reciprocal re-ranking (`reid_rerank`'s defaults)
+             aqe:store_true=False, # also the metrics after average query expansion (with --rerank: re-ranking after it)
             ):
-    "CMC, mAP and mINP of a saved model on the query/gallery of a dataset"
+    "CMC, mAP and mINP of a saved model on the query/gallery of a dataset (also after AQE and re-ranking when asked)"
     if model is None or not Path(model).is_file(): raise FileNotFoundError(f"--model {model!r}: no such model file")
     meta = read_checkpoint(model)['meta']
     dls = reid_dls(read_dataset(data, dataset), size=tuple(meta['size']), bs=bs, num_workers=workers)
     learn = reid_learner(dls, arch=meta['arch'], pretrained=model)  # the backbone of the saved model
-    res = learn.reid_evaluate()
-    print(res)
+    res = learn.reid_evaluate(rerank=rerank, aqe=aqe, variants=True)
+    for k,r in res.items(): print(f"{k}: {r}" if len(res) > 1 else r)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out)/'eval.json').write_text(json.dumps({'model': str(model), 'dataset': dataset, **res.as_dict()}, indent=2))
-    return res
+        post = {k: r.as_dict() for k,r in list(res.items())[1:]}
+        (Path(out)/'eval.json').write_text(json.dumps({'model': str(model), 'dataset': dataset, **res['plain'].as_dict(),
+                                                       **({'postprocessed': post} if post else {})}, indent=2))
+    return list(res.values())[-1]
 
 # %% ../nbs/10_cli.ipynb #a800d1ee
 commands = {'demo': demo, 'train': train, 'eval': evaluate}

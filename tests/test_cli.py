@@ -65,6 +65,13 @@ def test_train_resume_eval(tmp_path, backbone_file):
     assert p.returncode == 0, p.stderr[-3000:]
     ev = json.loads((tmp_path/'ev'/'eval.json').read_text())
     for k in ['rank1', 'mAP', 'mINP']: assert ev[k] == pytest.approx(doc['runs']['rollback'][k], abs=1e-4)
+    # with AQE and re-ranking: the same plain metrics, and those after each post-processing
+    p = cli('eval', '--model', tmp_path/'full'/'model.pth', '--data', data, '--dataset', 'synthetic', '--out', tmp_path/'ev2', '--rerank', '--aqe')
+    assert p.returncode == 0, p.stderr[-3000:]
+    ev2 = json.loads((tmp_path/'ev2'/'eval.json').read_text())
+    for k in ['rank1', 'mAP', 'mINP']: assert ev2[k] == ev[k]
+    assert list(ev2['postprocessed']) == ['AQE', 'AQE + re-ranked'] and 'postprocessed' not in ev
+    assert all(0 <= r['mAP'] <= 1 for r in ev2['postprocessed'].values()) and 'AQE + re-ranked: ReIDResult(mAP=' in p.stdout
 
 @pytest.mark.parametrize('args,expected', [
     (['train', '--data', '/nonexistent/market', '--dataset', 'market1501'], '/nonexistent/market'),
