@@ -20,6 +20,10 @@ __all__ = ['reid_rerank', 'aqe', 'dba', 'ReIDROC', 'reid_roc_from_dist', 'reid_r
            'postprocessed_metrics']
 
 # %% ../nbs/00a_retrieval.ipynb #f7e4c827
+def _default_block(device, cpu, gpu):
+    "A size: `cpu` on the CPU, `gpu` elsewhere"
+    return cpu if device.type == 'cpu' else gpu
+
 def _row_blocks(n, nq, size):
     "Ranges of at most `size` rows covering 0..n-1, none straddling the query/gallery boundary `nq`"
     return [(s, min(s + size, e)) for a, e in ((0, nq), (nq, n)) for s in range(a, e, size)]
@@ -102,8 +106,9 @@ def _expansion_sets(top, k1, chunk=2048):
     return torch.cat(rows), torch.cat(cols)
 
 # %% ../nbs/00a_retrieval.ipynb #58300411
-def _pair_values(X, norms, r, c, chunk=512):
+def _pair_values(X, norms, r, c):
     "Block values (as `_block_values` gives them) of the pairs of rows (`r`, `c`) of `X`"
+    chunk = _default_block(X.device, 512, 2**16)    # on CPU, buffers that stay in cache
     out, A, B = X.new_empty(len(r)), X.new_empty(chunk, X.shape[1]), X.new_empty(chunk, X.shape[1])
     for a in range(0, len(r), chunk):
         ri, ci = r[a:a + chunk], c[a:a + chunk]
@@ -172,10 +177,6 @@ def _check_float(value, name, lo=-math.inf, hi=math.inf):
     except (TypeError, ValueError): v = math.nan
     if not (lo <= v <= hi and math.isfinite(v)): raise ValueError(f"{name} must be {what}, got {value!r}")
     return v
-
-def _default_block(device, cpu, gpu):
-    "`cpu` on the CPU, `gpu` elsewhere"
-    return cpu if device.type == 'cpu' else gpu
 
 # %% ../nbs/00a_retrieval.ipynb #e4b5b107
 def reid_rerank(query_feats, # (n_query, dim) features
