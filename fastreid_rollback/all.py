@@ -1,5 +1,6 @@
 "The one import a user needs: `from fastreid_rollback.all import *`"
 from .metrics import *
+from .retrieval import *
 from .synthetic import *
 from .data import *
 from .model import *

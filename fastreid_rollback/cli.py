@@ -142,8 +142,10 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
              workers:int=None, # DataLoader workers
              out:str=None, # write the metrics to out/eval.json too
              size:int=None, # input height and width (two numbers); default: those the model was trained with
+             rerank:store_true=False, # also the metrics after k-reciprocal re-ranking (`reid_rerank`'s defaults)
+             aqe:store_true=False, # also the metrics after average query expansion (with --rerank: re-ranking after it)
             ):
-    "CMC, mAP and mINP of a saved model on the query/gallery of a dataset"
+    "CMC, mAP and mINP of a saved model on the query/gallery of a dataset (also after AQE and re-ranking when asked)"
     if model is None: raise ValueError("--model is required: a model file written by train (out/model.pth) or a checkpoint")
     if not Path(model).is_file(): raise FileNotFoundError(f"--model {model!r}: no such model file")
     _check_int(bs, '--bs', 1)
@@ -155,12 +157,13 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
     if size is None: raise ValueError(f"--model {model!r} does not record its input size: pass --size HEIGHT WIDTH")
     dls = reid_dls(read_dataset(data, dataset), size=tuple(size), bs=bs, num_workers=workers)
     learn = reid_learner(dls, arch=arch, pretrained=state['model'])  # the backbone of the saved model
-    res = learn.reid_evaluate()
-    print(res)
+    res = learn.reid_evaluate(rerank=rerank, aqe=aqe, variants=True)
+    for k,r in res.items(): print(f"{k}: {r}" if len(res) > 1 else r)
     if out is not None:
-        doc = {'model': str(model), 'dataset': dataset, **res.as_dict()}
+        post = {k: r.as_dict() for k,r in list(res.items())[1:]}
+        doc = {'model': str(model), 'dataset': dataset, **res['plain'].as_dict(), **({'postprocessed': post} if post else {})}
         atomic_write(out/'eval.json', lambda f: f.write(json.dumps(doc, indent=2).encode()))
-    return res
+    return list(res.values())[-1]
 
 # %% ../nbs/10_cli.ipynb #b7e3d415
 from .inference import checkpoint_to_reid, load_reid, ReIDIndex

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 from PIL import Image
 from .model import ReIDModel, ReIDLoss, reid_splitter, unwrap_model
 from .metrics import reid_metrics, reid_dist, protocol_mask, _check_int
+from .retrieval import postprocessed_metrics, postprocess_names
 
 # %% auto #0
 __all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner',
@@ -157,17 +158,21 @@ def _query_gallery(learn, query, gallery):
 def reid_evaluate(self:Learner, query=None, # query DataLoader (default `learn.dls.query`)
                   gallery=None, # gallery DataLoader (default `learn.dls.gallery`)
                   flip:bool=True, # flip test-time augmentation
+                  rerank:bool|dict=False, # k-reciprocal re-ranking: True, or a dict of `reid_rerank`'s parameters
+                  aqe:bool|dict=False, # average query expansion, before any re-ranking: True, or a dict of `aqe`'s parameters
+                  variants:bool=False, # return `postprocessed_metrics`' dict: the result without post-processing too
                   **kwargs):
-    "CMC, mAP and mINP of the model on `query` against `gallery`, as a `ReIDResult`"
+    "CMC, mAP and mINP of the model on `query` against `gallery` (after AQE and re-ranking when asked), as a `ReIDResult`"
     query,gallery = _query_gallery(self, query, gallery)
     qf,qp,qc = self.reid_features(query, flip=flip)
     gf,gp,gc = self.reid_features(gallery, flip=flip)
-    return reid_metrics(qf, gf, qp, gp, qc, gc, **kwargs)
+    res = postprocessed_metrics(qf, gf, qp, gp, qc, gc, rerank=rerank, aqe=aqe, **kwargs)
+    return res if variants else list(res.values())[-1]
 
 # %% ../nbs/04_learner.ipynb #7c0443c3
 def _check_eval_options(kwargs:dict):
     "Raise now what evaluating with `kwargs` would raise after the first epoch: unknown or bad options, a CMC shorter than rank-10"
-    known = [k for k in inspect.signature(Learner.reid_evaluate).parameters if k not in ('self', 'query', 'gallery', 'flip')]
+    known = [k for k in inspect.signature(Learner.reid_evaluate).parameters if k not in ('self', 'query', 'gallery', 'flip', 'rerank', 'aqe', 'variants')]  # its own parameters
     unknown = sorted(set(kwargs) - set(known))
     if unknown: raise ValueError(f"unknown option(s) {unknown}: ReIDEvalCallback passes its keyword arguments to reid_evaluate, which takes {known}")
     if 'max_rank' in kwargs and _check_int(kwargs['max_rank'], 'max_rank') < 10:
@@ -185,16 +190,27 @@ def _result_values(r):
     "The values of `reid_metric_names` in ReIDResult `r`"
     return dict(rank1=r.rank(1), rank5=r.rank(5), rank10=r.rank(10), mAP=r.mAP, mINP=r.mINP)
 
+def _variant_names(names):
+    "Columns for the results `names` of `postprocessed_metrics` after 'plain': the rank-1 and mAP of each, e.g. 'mAP (re-ranked)'"
+    return [f'{m} ({v})' for v in names[1:] for m in ('rank1', 'mAP')]
+
+def _variant_values(res):
+    "The values of `_variant_names` in `res` ({name: ReIDResult})"
+    return dict(zip(_variant_names(list(res)), [x for r in list(res.values())[1:] for x in (r.rank(1), r.mAP)]))
+
 class ReIDEvalCallback(Callback):
-    "Evaluates query against gallery every `every` epochs and records rank-1/5/10, mAP and mINP"
+    "Evaluates query against gallery every `every` epochs and records rank-1/5/10, mAP and mINP (and after AQE and re-ranking when asked)"
     order,_learn = 40,None  # before the `Recorder` (50) logs the epoch
     def __init__(self, every:int=1, # evaluate every `every` epochs (and after the last one); 0 for the last only
                  flip:bool=True, # flip test-time augmentation
+                 rerank:bool|dict=False, # also record rank-1 and mAP after k-reciprocal re-ranking: True, or `reid_rerank`'s parameters
+                 aqe:bool|dict=False, # also record rank-1 and mAP after AQE (and re-rank after it): True, or `aqe`'s parameters
                  **kwargs # passed to `reid_metrics` (e.g. `protocol`, `ap`)
                 ):
         if not isinstance(every, int) or every < 0: raise ValueError(f"every={every!r}: expected an int >= 0")
         _check_eval_options(kwargs)
-        store_attr('every,flip'); self.kwargs,self.results,self._active,self._vals = kwargs,{},False,{}
+        store_attr('every,flip,rerank,aqe'); self.kwargs,self.results,self._active,self._vals = kwargs,{},False,{}
+        self.names = list(reid_metric_names) + _variant_names(postprocess_names(rerank, aqe))
 
     def _value(self, n): return lambda: math.nan if self.learn.training else self._vals.get(n, math.nan)
 
@@ -202,7 +218,7 @@ class ReIDEvalCallback(Callback):
         self._active,self._checked,self._vals = not hasattr(self.learn, 'lr_finder'),False,{}
         if not self._active: return
         mets = [m for m in self.learn.metrics if not isinstance(m, _ReIDMetric)]
-        self.learn.metrics = mets + [_ReIDMetric(self._value(n), n) for n in reid_metric_names]
+        self.learn.metrics = mets + [_ReIDMetric(self._value(n), n) for n in self.names]
 
     def before_epoch(self): self._vals,self._trained = {},False
 
@@ -214,8 +230,9 @@ class ReIDEvalCallback(Callback):
 
     def after_validate(self):
         if not (self._active and self._trained and self._due()): return
-        r = self.learn.reid_evaluate(flip=self.flip, **self.kwargs)
-        self._vals,self.results[self.epoch],self.learn.reid_result = _result_values(r),r,r
+        res = self.learn.reid_evaluate(flip=self.flip, rerank=self.rerank, aqe=self.aqe, variants=True, **self.kwargs)
+        r = res['plain']
+        self._vals,self.results[self.epoch],self.learn.reid_result = {**_result_values(r), **_variant_values(res)},r,r
 
     def after_fit(self): self._drop_metrics(self.learn)
 

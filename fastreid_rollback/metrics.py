@@ -143,6 +143,10 @@ def _at(x, idx):
     "`x[idx]` for a 1-D `x` and an index tensor of any shape"
     return x.index_select(0, idx.reshape(-1)).view(idx.shape)
 
+def _at2(x, r, c):
+    "`x[r, c]` for a contiguous 2-D `x` (used by re-ranking)"
+    return _at(x.view(-1), r * x.shape[1] + c)
+
 # %% ../nbs/00_metrics.ipynb #d0ed850e
 class _Gallery:
     "Gallery columns grouped by identity (ids >= 1), ascending gallery index within each identity"

@@ -73,6 +73,13 @@ def test_train_resume_eval(tmp_path, backbone_file):
     assert p.returncode == 0, p.stderr[-3000:]
     ev2 = json.loads((tmp_path/'ev2'/'eval.json').read_text())
     for k in ['rank1', 'mAP', 'mINP']: assert ev2[k] == pytest.approx(ev[k], abs=1e-6)
+    # with AQE and re-ranking: the same plain metrics, and those after each post-processing
+    p = cli('eval', '--model', tmp_path/'full'/'model.pth', '--data', data, '--dataset', 'synthetic', '--out', tmp_path/'ev3', '--rerank', '--aqe')
+    assert p.returncode == 0, p.stderr[-3000:]
+    ev3 = json.loads((tmp_path/'ev3'/'eval.json').read_text())
+    for k in ['rank1', 'mAP', 'mINP']: assert ev3[k] == ev[k]
+    assert list(ev3['postprocessed']) == ['AQE', 'AQE + re-ranked'] and 'postprocessed' not in ev
+    assert all(0 <= r['mAP'] <= 1 for r in ev3['postprocessed'].values()) and 'AQE + re-ranked: ReIDResult(mAP=' in p.stdout
     # resuming the finished run reports the run, not the instant it took to notice it was finished
     before = read_checkpoint(ckpts/'last.pth')['meta']
     p = cli(*train_args(data, tmp_path/'full', backbone_file, '--resume'))

@@ -73,6 +73,22 @@ def test_eval_callback_matches_reid_evaluate_and_logs(dls, tmp_path):
     assert len(res) == n_mets+1+5 and all(math.isnan(v) for v in res[-5:]) and len(learn.metrics) == n_mets
 
 
+def test_evaluate_and_callback_with_postprocessing(dls):
+    from fastreid_rollback.metrics import reid_metrics_from_dist
+    from fastreid_rollback.retrieval import reid_rerank, aqe
+    set_seed(0)
+    learn = _learner(dls, cbs=ReIDEvalCallback(every=0, rerank=dict(k1=4, k2=2), aqe=True))
+    learn.fit(1, 0.01)
+    assert list(learn.recorder.metric_names)[-5:-1] == ['rank1 (AQE)', 'mAP (AQE)', 'rank1 (AQE + re-ranked)', 'mAP (AQE + re-ranked)']
+    res = learn.reid_evaluate(rerank=dict(k1=4, k2=2), aqe=True, variants=True)
+    assert list(learn.recorder.values[-1][-4:]) == pytest.approx([res['AQE'].rank(1), res['AQE'].mAP, res['AQE + re-ranked'].rank(1), res['AQE + re-ranked'].mAP])
+    assert learn.reid_result.mAP == pytest.approx(res['plain'].mAP) == pytest.approx(learn.reid_evaluate().mAP)
+    (qf, qp, qc), (gf, gp, gc) = learn.reid_features(dls.query), learn.reid_features(dls.gallery)
+    assert learn.reid_evaluate(rerank=True).mAP == reid_metrics_from_dist(reid_rerank(qf, gf), qp, gp, qc, gc).mAP
+    assert learn.reid_evaluate(aqe=dict(qe_k=3)).mAP == reid_metrics(*aqe(qf, gf, qe_k=3), qp, gp, qc, gc).mAP
+    with pytest.raises(ValueError, match='aqe'): ReIDEvalCallback(aqe='yes')
+
+
 def test_eval_callback_needs_query_gallery(dls):
     learn = _learner(dls, cbs=ReIDEvalCallback())
     q, g = dls.query, dls.gallery
