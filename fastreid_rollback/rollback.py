@@ -121,6 +121,7 @@ class RollbackCallback(Callback):
         div:float=25., # 'one_cycle': start LR is the period LR / `div`
         div_final:float=1e5, # 'one_cycle': final LR is the period LR / `div_final`
         moms:tuple=None, # 'one_cycle': momentum cycle (e.g. `learn.moms`); None leaves momentum alone
+        restore:bool=True, # copy the pre-trained state into the rolled-back blocks; False is the control: the same schedule, LRs and optimizer resets, no weights copied
     ):
         if not isinstance(n_periods, int) or n_periods < 1: raise ValueError(f"n_periods={n_periods!r}: expected an int >= 1")
         if epochs_per_period is not None and (not isinstance(epochs_per_period, int) or epochs_per_period < 1):
@@ -146,7 +147,7 @@ class RollbackCallback(Callback):
             for k in ks:
                 if k not in names: raise ValueError(f"keep names block {k!r}, which the model does not have; its blocks are {names}")
         self.rolled = [[n for n in names if n not in ks] for ks in self.kept]
-        self.snapshot = self._snapshot(sorted({n for r in self.rolled for n in r}, key=names.index))
+        self.snapshot = self._snapshot(sorted({n for r in self.rolled for n in r}, key=names.index)) if self.restore else {}
         self.groups = _group_owners(self.model, self.opt)
         self.base_lrs = np.array([float(h['lr']) for h in self.opt.hypers])
         self.scheds = [self._sched(self.period_lrs(p)) for p in range(self.n_periods)]
@@ -183,18 +184,20 @@ class RollbackCallback(Callback):
         if e == 0 and period > 0: self.roll_back(period)
 
     def roll_back(self, period:int):
-        "Copy the pre-trained state into the blocks rolled back at the start of `period`, reset the optimizer"
+        "Copy the pre-trained state into the blocks rolled back at the start of `period` (unless `restore=False`), reset the optimizer"
         rolled = self.rolled[period-1]
-        for n in rolled: load_block_state(self.model, n, self.snapshot[n])
+        if self.restore:
+            for n in rolled: load_block_state(self.model, n, self.snapshot[n])
         if self.reset_opt is True: fresh_opt(self.learn)
         elif self.reset_opt == 'rolled_back':
             clear_opt_state(self.opt, [p for n in rolled for m in block_modules(self.model, n) for p in m.parameters()])
-        self.events.append(dict(epoch=self.epoch, iter=self.train_iter, period=period, rolled_back=list(rolled), kept=list(self.kept[period-1])))
+        self.events.append(dict(epoch=self.epoch, iter=self.train_iter, period=period, rolled_back=list(rolled), kept=list(self.kept[period-1]),
+                                restored=self.restore))
 
     def before_batch(self):
         "Set the LR of every parameter group for this batch"
         period,e = divmod(self.epoch, self.period_len)
-        pos = (e if self.sched == 'step' else e + self.iter/self.n_iter)/self.period_len
+        pos = (e + self.iter/self.n_iter)/self.period_len   # 'step': exactly 0.5 at the first batch of epoch P/2 when P is even
         self.opt.set_hyper('lr', self.scheds[period](pos))
         if self.sched == 'one_cycle' and self.moms is not None: self.opt.set_hyper('mom', combined_cos(self.pct_start, *self.moms)(pos))
         self.hist.append([self.epoch, self.iter] + [h['lr'] for h in self.opt.hypers])

@@ -64,6 +64,16 @@ def _camera(seed:int, cam:int, h:int, w:int) -> dict:
                 lowres=float(rng.uniform(0.5, 1.0)), noise=float(rng.uniform(2, 9)),
                 background=_background(rng, h, 2*w))
 
+def _camera_shift(seed:int, cam:int, shift:float) -> dict:
+    "Extra pixel-level look of camera `cam` at strength `shift`: directions a pure function of `(seed, cam)`, sizes proportional to `shift`"
+    rng = np.random.default_rng([seed, 8, cam])
+    cast = np.exp(shift*rng.normal(0, 0.25, 3))
+    mix = shift*rng.uniform(0.1, 0.3)   # part of each channel taken from another one
+    colour = np.diag(cast/cast.mean()) @ ((1-mix)*np.eye(3) + mix*np.roll(np.eye(3), int(rng.integers(1, 3)), axis=1))
+    return dict(colour=colour, gamma=float(np.exp(shift*rng.uniform(-0.5, 0.5))), contrast=float(np.exp(-shift*rng.uniform(0, 0.4))),
+                blur=float(shift*rng.uniform(0.3, 1.2)), lowres=float(1/(1 + shift*rng.uniform(0.3, 1.0))),
+                noise=float(shift*rng.uniform(4, 12)))
+
 # %% ../nbs/01_synthetic.ipynb #8b23a082
 def _pattern(kind:str, c1, c2, period:int, box, h:int, w:int) -> Image.Image:
     "Canvas-size image of the garment pattern, anchored at the top-left of `box`"
@@ -129,6 +139,16 @@ def _draw_person(canvas:Image.Image, idt:dict, cx:float, y0:float, ph:float, fro
     if acc=='hat': _rect(d, [cx-r*1.15, y0-r*0.2, cx+r*1.15, y0+r*0.55], fill=ac)
 
 # %% ../nbs/01_synthetic.ipynb #2c24bae2
+def _shift_pixels(img:Image.Image, sh:dict, rng:np.random.Generator) -> Image.Image:
+    "`img` seen through the extra imaging chain `sh` of `_camera_shift`: resolution, blur, colour mixing, gamma, contrast, noise"
+    w,h = img.size
+    img = img.resize((max(8, round(w*sh['lowres'])), max(16, round(h*sh['lowres']))), Image.BOX).resize((w, h), Image.BILINEAR)
+    blur = sh['blur']*h/128   # in pixels of a 128-pixel-high image: the same look at every size
+    if blur > 0.05: img = img.filter(ImageFilter.GaussianBlur(blur))
+    x = np.clip((np.asarray(img, dtype=np.float64)/255) @ sh['colour'].T, 0, 1) ** sh['gamma']
+    x = x.mean() + (x - x.mean())*sh['contrast'] + rng.normal(0, sh['noise']/255, x.shape)
+    return Image.fromarray(np.round(np.clip(x, 0, 1)*255).astype(np.uint8))
+
 def _render(idt:dict, cam:dict, rng:np.random.Generator, size:tuple, visible:bool=True) -> Image.Image:
     "One image of identity `idt` seen by camera `cam`, `size=(h, w)`; `visible=False` gives a badly framed (junk) box"
     h,w = size; H,W = 2*h,2*w
@@ -149,7 +169,8 @@ def _render(idt:dict, cam:dict, rng:np.random.Generator, size:tuple, visible:boo
     if cam['blur'] > 0.05: img = img.filter(ImageFilter.GaussianBlur(cam['blur']))
     x = (np.asarray(img, dtype=np.float64)/255) ** cam['gamma']
     x = x*cam['gain']*cam['cast']*rng.uniform(0.9, 1.1) + rng.normal(0, cam['noise']/255, x.shape)
-    return Image.fromarray(np.round(np.clip(x, 0, 1)*255).astype(np.uint8))
+    img = Image.fromarray(np.round(np.clip(x, 0, 1)*255).astype(np.uint8))
+    return _shift_pixels(img, cam['shift'], rng) if 'shift' in cam else img
 
 # %% ../nbs/01_synthetic.ipynb #1f56c4a5
 def _market_name(pid:int, cam:int, seq:int, frame:int, box:int) -> str:
@@ -157,11 +178,11 @@ def _market_name(pid:int, cam:int, seq:int, frame:int, box:int) -> str:
     return f"{'-1' if pid==-1 else f'{pid:04d}'}_c{cam}s{seq}_{frame:06d}_{box:02d}.jpg"
 
 # %% ../nbs/01_synthetic.ipynb #cb006fcb
-def _plan(n_ids, n_cams, imgs_per_id_cam, n_distractors, n_junk, seed, id_start, cam_start):
+def _plan(n_ids, n_cams, imgs_per_id_cam, n_distractors, n_junk, seed, id_start, cam_start, n_train_ids=None):
     "List of `(folder, pid, cam, rng_key, kind)` for every image, in a fixed order"
     pids = list(range(id_start, id_start+n_ids))
     cams = list(range(cam_start, cam_start+n_cams))
-    n_train = n_ids//2
+    n_train = n_ids//2 if n_train_ids is None else n_train_ids
     plan = []
     for j,p in enumerate(pids):
         qcam = cams[int(np.random.default_rng([seed, 4, p]).integers(n_cams))]
@@ -180,12 +201,14 @@ def _write_jpeg(img:Image.Image, fn:Path, quality:int):
     "Save `img` as a JPEG with fixed settings (so the bytes depend on the pixels only)"
     img.save(fn, format='JPEG', quality=quality, subsampling=0, optimize=False)
 
-def _draw_dataset(root:Path, plan, seed, size, quality):
+def _draw_dataset(root:Path, plan, seed, size, quality, shift=0.):
     "Write every image of `plan` under `root`"
     for f in ('bounding_box_train', 'query', 'bounding_box_test'): (root/f).mkdir(parents=True)
     cams,counts = {},{}
     for folder,pid,cam,key,kind in plan:
-        if cam not in cams: cams[cam] = _camera(seed, cam, 2*size[0], 2*size[1])
+        if cam not in cams:
+            cams[cam] = _camera(seed, cam, 2*size[0], 2*size[1])
+            if shift: cams[cam]['shift'] = _camera_shift(seed, cam, shift)
         if kind=='person': rng,idt = np.random.default_rng([seed, 2, *key]),_identity(seed, pid)
         elif kind=='distractor': rng = np.random.default_rng([seed, 3, *key]); idt = _identity(seed, key[0], stream=6)
         else: rng,idt = np.random.default_rng([seed, 7, *key]),_identity(seed, key[1])
@@ -215,7 +238,7 @@ def _read_marker(marker:Path) -> dict|None:
 # %% ../nbs/01_synthetic.ipynb #1df99f0b
 def synthetic_reid(
     dest:str|Path, # Folder that receives the dataset folder `name`
-    n_ids:int=100, # Identities; the first half trains, the second half is for query/gallery
+    n_ids:int=100, # Identities; the first `n_train_ids` train, the others are for query/gallery
     n_cams:int=4, # Cameras; every identity is seen by each of them
     imgs_per_id_cam:int=4, # Images of each identity per camera
     size:tuple=(128, 64), # Image size `(height, width)`
@@ -227,12 +250,20 @@ def synthetic_reid(
     name:str='Market-1501-v15.09.15', # Name of the dataset folder created in `dest`
     quality:int=90, # JPEG quality
     overwrite:bool=False, # Replace an existing synthetic dataset made with other arguments
+    n_train_ids:int=None, # Training identities, 1..n_ids-1 (default: `n_ids//2`)
+    shift:float=0., # Low-level domain shift: 0 none; larger values add stronger per-camera colour mixing, gamma, contrast, blur, lower resolution and noise
 ) -> Path: # The dataset root `dest/name`, loadable with `market1501`
     "Draw a ReID dataset with persistent identities and camera-specific looks, in the Market-1501 layout"
     _check_args(size, quality, n_ids=n_ids, n_cams=n_cams, imgs_per_id_cam=imgs_per_id_cam, id_start=id_start, cam_start=cam_start,
                 n_distractors=n_distractors, n_junk=n_junk, seed=seed)
+    if n_train_ids is not None and not (isinstance(n_train_ids, int) and 1 <= n_train_ids < n_ids):
+        raise ValueError(f"n_train_ids must be None or an int in 1..n_ids-1={n_ids-1} (at least one identity to query), got {n_train_ids!r}")
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift >= 0:
+        raise ValueError(f"shift must be a number >= 0 (0: no low-level shift), got {shift!r}")
     args = dict(n_ids=n_ids, n_cams=n_cams, imgs_per_id_cam=imgs_per_id_cam, size=[int(s) for s in size], seed=seed,
                 id_start=id_start, cam_start=cam_start, n_distractors=n_distractors, n_junk=n_junk, quality=quality)
+    if n_train_ids is not None: args['n_train_ids'] = n_train_ids   # recorded only when set: older datasets keep their marker
+    if shift: args['shift'] = float(shift)
     root = Path(dest)/name
     marker = root/'synthetic_reid.json'
     if root.exists():
@@ -246,8 +277,8 @@ def synthetic_reid(
     tmp = Path(dest)/f'.{name}.{secrets.token_hex(6)}'
     tmp.mkdir()  # mode 0777 less the umask (`tempfile.mkdtemp`'s 0700 would survive the rename)
     try:
-        _draw_dataset(tmp, _plan(n_ids, n_cams, imgs_per_id_cam, n_distractors, n_junk, seed, id_start, cam_start),
-                      seed, tuple(args['size']), quality)
+        _draw_dataset(tmp, _plan(n_ids, n_cams, imgs_per_id_cam, n_distractors, n_junk, seed, id_start, cam_start, n_train_ids),
+                      seed, tuple(args['size']), quality, shift)
         (tmp/'synthetic_reid.json').write_text(json.dumps(args, sort_keys=True))
         os.replace(tmp, root)
     except BaseException:

@@ -164,6 +164,21 @@ def test_lrs_step_odd_period_and_slice(pre_fn, tmp_path):
     p0,p1 = base*[1,1,1,1,1,3.],base*[.5,1,1,1,1,1]
     np.testing.assert_allclose(first_lrs(cb), np.stack([p0, p0, p0/10, p1, p1, p1/10]), rtol=1e-12)
 
+def test_step_mid_period_iterations(pre_fn, tmp_path):
+    "'step' divides the LRs by 10 at half of the period's batches: inside the only epoch of a one-epoch period, inside the middle epoch of an odd one"
+    learn = make_learner(pre_fn, tmp_path, data_seed=0)
+    learn.dls = make_dls(n=32, bs=8)                       # 4 batches per epoch
+    cb = RollbackCallback(n_periods=2)
+    fit(learn, 2, 0.01, cbs=cb)                            # 2 periods of 1 epoch
+    lrs = cb.lr_df[BLOCKS+['head']].values
+    p0,p1 = np.array([.01]*5+[.1]), np.array([.001]+[.01]*5)
+    np.testing.assert_allclose(lrs, np.stack([p0, p0, p0/10, p0/10, p1, p1, p1/10, p1/10]), rtol=1e-12)
+    cb = RollbackCallback(n_periods=1)
+    fit(learn, 3, 0.01, cbs=cb)                            # one period of 3 epochs x 4 batches: the step at batch 6 of 12
+    got = cb.lr_df['stem'].values
+    np.testing.assert_allclose(got, [.01]*6 + [.001]*6, rtol=1e-12)
+    assert list(cb.lr_df.epoch[5:7]) == [1, 1]             # in the middle of epoch 1
+
 def test_lrs_one_cycle(pre_fn, tmp_path):
     learn = make_learner(pre_fn, tmp_path)
     cb = RollbackCallback(n_periods=2, sched='one_cycle', moms=(0.95, 0.85, 0.95))
@@ -185,6 +200,30 @@ def test_custom_sched(pre_fn, tmp_path):
     cb = RollbackCallback(n_periods=2, sched=lambda lrs: SchedLin(lrs, lrs/2))
     fit(learn, 2, 0.01, cbs=cb)
     np.testing.assert_allclose(first_lrs(cb), [[.01]*5+[.1], [.001]+[.01]*5], rtol=1e-12)
+
+def test_control_restores_nothing(pre_fn, tmp_path):
+    "restore=False: the same schedule, LRs, events and optimizer resets as rolling back, but the weights run on across the boundary"
+    runs = {}
+    for restore in (True, False):
+        learn = make_learner(pre_fn, tmp_path)
+        cb,pre,post = probe_fit(learn, 6, n_periods=3, restore=restore)
+        runs[restore] = (learn, cb, pre, post)
+    learn,cb,pre,post = runs[False]
+    for e in (2, 4):
+        b,a = pre.states[e],post.states[e]
+        for n in BLOCKS: assert_states_eq(a['blocks'][n], b['blocks'][n], n)          # nothing copied
+        assert all('grad_avg' in s for s in b['opt'].values()) and not any('grad_avg' in s for s in a['opt'].values())
+    assert not torch.equal(post.states[2]['blocks']['layer4']['layer4.0.bn1.running_mean'],
+                           learn.model.pretrained_state['layer4']['layer4.0.bn1.running_mean'])
+    ref = runs[True][1]
+    assert [{k:v for k,v in e.items() if k != 'restored'} for e in cb.events] == [{k:v for k,v in e.items() if k != 'restored'} for e in ref.events]
+    assert [e['restored'] for e in cb.events] == [False, False] and [e['restored'] for e in ref.events] == [True, True]
+    assert cb.lr_df.equals(ref.lr_df)
+    check_rollback(runs[True][0], ref, runs[True][2], runs[True][3], 2, BLOCKS[1:], ['stem'])
+    # the control needs no pre-trained state
+    learn = make_learner(pre_fn, tmp_path)
+    learn.model.pretrained_state = None
+    fit(learn, 2, 0.01, cbs=RollbackCallback(n_periods=2, restore=False))
 
 class StopAfter(Callback):
     "Interrupt the fit after epoch `k` (k epochs done)"
@@ -398,7 +437,7 @@ def test_reid_learner_integration(pre_fn, tmp_path):
     for n in BLOCKS[1:]: assert_states_eq(post.states[1]['blocks'][n], learn.model.pretrained_state[n], n)
     opt = learn.opt.opt
     assert isinstance(opt, torch.optim.SGD) and all(g['nesterov'] and g['momentum'] == 0.9 and g['weight_decay'] == 5e-4 for g in opt.param_groups)
-    np.testing.assert_allclose([g['lr'] for g in opt.param_groups], [.001]+[.01]*5)
+    np.testing.assert_allclose([g['lr'] for g in opt.param_groups], [.0001]+[.001]*5)   # period 2's LRs after its mid-epoch step
 
 class PredsEachEpoch(Callback):
     "Call `learn.get_preds` (a validation context: it sends before_fit/before_epoch/after_fit to every callback) after each epoch"

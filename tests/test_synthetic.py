@@ -109,3 +109,38 @@ def test_modes_follow_the_umask(tmp_path):
     finally: os.umask(old)
     assert root.stat().st_mode & 0o777 == 0o755 and (root/'query').stat().st_mode & 0o777 == 0o755
     assert {f.stat().st_mode & 0o777 for f in root.rglob('*') if f.is_file()} == {0o644}
+
+def test_n_train_ids(tmp_path):
+    "Few training identities and a large test set: the first `n_train_ids` identities train, the rest are queried"
+    root = synthetic_reid(tmp_path, **{**SMALL, 'n_train_ids': 2})
+    ids = lambda d: {parse(f.name)[0] for f in (root/d).glob('*.jpg')} - {0, -1}
+    assert ids('bounding_box_train') == {1, 2} and ids('query') == {3, 4, 5, 6} and ids('bounding_box_test') == {3, 4, 5, 6}
+    marker = json.loads((root/'synthetic_reid.json').read_text())
+    assert marker['n_train_ids'] == 2 and 'shift' not in marker
+    default = synthetic_reid(tmp_path/'d', **SMALL)
+    assert not {'n_train_ids', 'shift'} & set(json.loads((default/'synthetic_reid.json').read_text()))  # old markers stay valid
+    assert files(synthetic_reid(tmp_path/'e', **{**SMALL, 'n_train_ids': 3})) == files(default) | {
+        'synthetic_reid.json': (tmp_path/'e'/'Market-1501-v15.09.15'/'synthetic_reid.json').read_bytes()}  # n_ids//2 given explicitly
+
+def test_shift(tmp_path):
+    "A low-level shift changes the pixels per camera, not the layout; shift=0 is the default, byte for byte"
+    base = synthetic_reid(tmp_path/'0', **SMALL)
+    assert files(synthetic_reid(tmp_path/'z', **SMALL, shift=0.)) == files(base)
+    a,b = synthetic_reid(tmp_path/'a', **SMALL, shift=1.),synthetic_reid(tmp_path/'b', **SMALL, shift=1.)
+    assert files(a) == files(b)
+    assert json.loads((a/'synthetic_reid.json').read_text())['shift'] == 1.
+    jpgs = lambda r: sorted(str(f.relative_to(r)) for f in r.rglob('*.jpg'))
+    assert jpgs(a) == jpgs(base)
+    def mean_diff(r, cam):
+        fs = [f for f in sorted(r.rglob(f'*_c{cam}s*.jpg'))]
+        return np.mean([np.abs(np.asarray(Image.open(f), float) - np.asarray(Image.open(base/f.relative_to(r)), float)).mean() for f in fs])
+    weak = synthetic_reid(tmp_path/'w', **SMALL, shift=0.3)
+    for cam in (1, 2, 3): assert mean_diff(a, cam) > mean_diff(weak, cam) > 1   # stronger shift, larger change, in every camera
+    # the camera's shift is a function of (seed, camera): the same camera looks the same whatever else the dataset holds
+    c = synthetic_reid(tmp_path/'c', **{**SMALL, 'n_ids': 8, 'n_train_ids': 3}, shift=1.)
+    fa = sorted((a/'bounding_box_train').glob('0001_c2s*.jpg'))
+    assert [x.read_bytes() for x in fa] == [(c/'bounding_box_train'/x.name).read_bytes() for x in fa]
+
+def test_new_arguments_checked(tmp_path):
+    for kw,word in [(dict(n_train_ids=6), 'n_train_ids'), (dict(n_train_ids=0), 'n_train_ids'), (dict(shift=-1.), 'shift')]:
+        with pytest.raises(ValueError, match=word): synthetic_reid(tmp_path/'e', **{**SMALL, **kw})
