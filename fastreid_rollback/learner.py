@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastcore.basics import store_attr, listify, patch, ifnone
 from fastcore.foundation import L
 from fastcore.meta import delegates
-from fastai.learner import Learner, ValueMetric, _maybe_item
+from fastai.learner import Learner, ValueMetric
 from fastai.callback.core import Callback, CancelValidException
 from fastai.optimizer import OptimWrapper
 from fastai.metrics import accuracy
@@ -65,6 +65,10 @@ def in_validation(learn:Learner):
     lock = getattr(learn, 'lock', None)
     return lock is not None and lock.locked()
 
+def _number(v):
+    "`v` as the `Recorder` logs it: a Python number for a one-element tensor"
+    return v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
+
 class SkipEmptyValidCallback(Callback):
     "Skips the validation phase of `fit` when `dls.valid` is empty, and drops the columns only it could fill"
     order = 55  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
@@ -82,7 +86,7 @@ class SkipEmptyValidCallback(Callback):
         if self.skip: raise CancelValidException()
 
     def after_validate(self):
-        if self.kept: self.recorder.log += self.kept.map(_maybe_item)  # the `Recorder` logs nothing for a cancelled validation
+        if self.kept: self.recorder.log += [_number(m.value) for m in self.kept]  # the `Recorder` logs nothing for a cancelled validation
 
 # %% ../nbs/04_learner.ipynb #007b88fd
 _losses = ('ce', 'triplet', 'ce+triplet')
