@@ -82,7 +82,8 @@ def _check_keys(got, want, what):
 # %% ../nbs/03_model.ipynb #fc3c051a
 def _safe_globals():
     "What fastai optimizer states hold besides tensors (numpy scalars, fastcore's `L`), allowed by `weights_only` loading"
-    return [L, np.dtype, np._core.multiarray.scalar, *[getattr(np.dtypes, n) for n in np.dtypes.__all__]]
+    scalar = np.float64(0).__reduce__()[0]  # the function numpy scalars pickle with (`numpy._core.multiarray.scalar` in numpy 2)
+    return [L, np.dtype, scalar, *[getattr(np.dtypes, n) for n in np.dtypes.__all__]]
 
 def load_state_file(fn, # a file written by `torch.save` (a state dict, or a checkpoint with its optimizer state)
                     what:str, # how the error names the file, e.g. "pretrained='w.pth'"

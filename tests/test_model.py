@@ -95,6 +95,16 @@ def test_loads_fastai_and_ddp_files(tmp_path):
         assert torch.equal(m.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
 
 
+def test_state_file_with_numpy_scalars(tmp_path):
+    "What fastai optimizer states hold besides tensors (numpy scalars, dtypes, fastcore `L`s) loads with `weights_only`"
+    import numpy as np
+    from fastcore.foundation import L
+    sd = {'w': torch.ones(2), 'lr': np.float64(0.01), 'step': np.int64(3), 'mom': np.float32(0.9), 'dt': np.dtype('float32'), 'groups': L([1, 2])}
+    torch.save(sd, tmp_path/'opt.pth')
+    got = load_state_file(tmp_path/'opt.pth', 'opt.pth')
+    assert [type(got[k]) for k in ('lr', 'step', 'mom')] == [np.float64, np.int64, np.float32]
+    assert got['lr'] == 0.01 and got['step'] == 3 and got['dt'] == np.float32 and list(got['groups']) == [1, 2] and torch.equal(got['w'], sd['w'])
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="arch='vgg16'"): ReIDModel('vgg16', n_ids=3)
     with pytest.raises(ValueError, match='n_ids=0'): ReIDModel('resnet18', n_ids=0)
