@@ -91,9 +91,16 @@ class SkipEmptyValidCallback(Callback):
 # %% ../nbs/04_learner.ipynb #007b88fd
 _losses = ('ce', 'triplet', 'ce+triplet')
 
+def _given_model(model, loss):
+    "`model` as given (a `Learner` trains the object it is given), if it returns what `loss` needs"
+    if 'triplet' in loss and not model.with_feats: raise ValueError(
+        f"loss={loss!r} needs the pooled features, and the given ReIDModel returns only logits (with_feats=False): "
+        "build it with with_feats=True, or pass an arch name and let reid_learner build the model")
+    return model
+
 @delegates(Learner.__init__)
 def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
-                 arch:str|nn.Module='resnet50', # torchvision ResNet name, a backbone module (with `blocks=`), or a ready `ReIDModel` (then `pretrained`, `neck`, `blocks` are unused)
+                 arch:str|nn.Module='resnet50', # torchvision ResNet name, a backbone module (with `blocks=`), or a ready `ReIDModel`, trained as it is (then `pretrained`, `neck`, `blocks` are unused)
                  pretrained=True, # True (torchvision DEFAULT weights, from the local cache), False, a weights enum member or a local state-dict path
                  neck:str='classblock', # 'classblock' (reference head) or 'bnneck'
                  loss:str='ce', # 'ce', 'triplet' or 'ce+triplet' (summed)
@@ -107,12 +114,10 @@ def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
                  **kwargs):
     "A fastai `Learner` for ReID: `ReIDModel`, ReID loss, one parameter group per backbone block then the head"
     if loss not in _losses: raise ValueError(f"loss={loss!r}: expected one of {list(_losses)}")
-    n_ids = _dls_n_ids(dls)
-    if isinstance(arch, ReIDModel): model = arch
-    else: model = ReIDModel(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained)
+    n_ids,triplet = _dls_n_ids(dls),'triplet' in loss
+    if isinstance(arch, ReIDModel): model = _given_model(arch, loss)
+    else: model = ReIDModel(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained, with_feats=triplet)
     _check_ids(model, dls)
-    triplet = 'triplet' in loss
-    model.with_feats = triplet
     loss_func = kwargs.pop('loss_func', None) or ReIDLoss('ce' in loss, triplet, label_smoothing, triplet_margin, triplet_normalize)
     return Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=reid_splitter, metrics=metrics,
                    cbs=[ReIDCallback(), SkipEmptyValidCallback()]+listify(cbs), **kwargs)

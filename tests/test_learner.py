@@ -136,6 +136,19 @@ def test_ids_must_fit_the_head(dls, df):
     with pytest.raises(ValueError, match="loss='arcface'"): reid_learner(dls, 'resnet18', pretrained=False, loss='arcface')
 
 
+def test_given_model_trained_as_given(dls):
+    "A ready ReIDModel is the object the Learner trains, never switched to other outputs behind the caller's back"
+    m = ReIDModel('resnet18', n_ids=dls.n_ids, with_feats=True)
+    w = m.head.classifier.weight.detach().clone()
+    learn = reid_learner(dls, m, loss='ce', cbs=[])
+    learn.remove_cb(ProgressCallback)
+    learn.fit(1, 0.01)
+    assert learn.model is m and m.with_feats and not torch.equal(m.head.classifier.weight, w)
+    plain = ReIDModel('resnet18', n_ids=dls.n_ids)
+    with pytest.raises(ValueError, match=r"loss='triplet' needs the pooled features.*with_feats=True"): reid_learner(dls, plain, loss='triplet')
+    assert not plain.with_feats
+    assert reid_learner(dls, 'resnet18', pretrained=False, loss='ce+triplet').model.with_feats   # a model it builds returns the features
+
 def test_features(dls):
     learn = _learner(dls, neck='bnneck')
     f, p, c = learn.reid_features(dls.gallery)
