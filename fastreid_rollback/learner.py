@@ -62,7 +62,7 @@ class ReIDCallback(Callback):
 # %% ../nbs/04_learner.ipynb #a6b94c26
 def in_validation(learn:Learner):
     "Whether `learn` is inside `validation_context` (`validate`, `get_preds`), which also sends `before_fit`/`before_epoch` to callbacks"
-    lock = getattr(learn, 'lock', None)
+    lock = getattr(learn, 'lock', None)  # held by `validation_context` while it runs, and by nothing else
     return lock is not None and lock.locked()
 
 def _number(v):
@@ -71,9 +71,10 @@ def _number(v):
 
 class SkipEmptyValidCallback(Callback):
     "Skips the validation phase of `fit` when `dls.valid` is empty, and drops the columns only it could fill"
-    order = 55  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
+    order,skip,kept = 55,False,L()  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
     def before_fit(self):
-        self.skip,self.kept = not in_validation(self.learn) and len(self.dls.valid) == 0,L()
+        if in_validation(self.learn): return  # `validate` and `get_preds` run their loader as fastai does
+        self.skip,self.kept = len(self.dls.valid) == 0,L()
         rec = getattr(self.learn, 'recorder', None)
         if not self.skip or rec is None or not rec.valid_metrics: return
         mets = L(rec.loss) + self.learn.metrics  # what the `Recorder` logs after validation
@@ -83,10 +84,10 @@ class SkipEmptyValidCallback(Callback):
         rec.metric_names = names[:n] + valid + names[n+len(mets):]
 
     def before_validate(self):
-        if self.skip: raise CancelValidException()
+        if self.skip and not in_validation(self.learn): raise CancelValidException()
 
     def after_validate(self):
-        if self.kept: self.recorder.log += [_number(m.value) for m in self.kept]  # the `Recorder` logs nothing for a cancelled validation
+        if self.skip and self.kept and not in_validation(self.learn): self.recorder.log += [_number(m.value) for m in self.kept]  # the `Recorder` logs nothing for a cancelled validation
 
 # %% ../nbs/04_learner.ipynb #007b88fd
 _losses = ('ce', 'triplet', 'ce+triplet')
