@@ -22,7 +22,7 @@ from fastai.vision.augment import Resize
 from fastprogress.fastprogress import progress_bar
 import matplotlib.pyplot as plt
 from . import __version__
-from .model import ReIDModel, ClassBlock, BNNeck, create_backbone, resnet_archs, unwrap_model
+from .model import ReIDModel, create_reid_model, ClassBlock, BNNeck, create_backbone, resnet_archs, unwrap_model
 from .data import reid_item_tfms, reid_batch_tfms
 from .metrics import reid_dist
 from .learner import _show_img
@@ -159,7 +159,7 @@ def checkpoint_to_reid(checkpoint, # a file written by `save_checkpoint` (e.g. `
     if size is None: raise ValueError(f"checkpoint {str(checkpoint)!r} records no input size: pass size=(height, width)")
     bb = {k[9:]:v for k,v in sd.items() if k.startswith('backbone.')}
     neck = dict(neck='classblock', hidden=sd['head.neck.0.weight'].shape[0]) if 'head.neck.0.weight' in sd else dict(neck='bnneck')
-    model = ReIDModel(meta.get('arch') or _arch_of(bb), sd['head.classifier.weight'].shape[0], pretrained=False, **neck)
+    model = create_reid_model(meta.get('arch') or _arch_of(bb), sd['head.classifier.weight'].shape[0], pretrained=False, **neck)
     try: model.load_state_dict(sd)
     except RuntimeError as e: raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit a {meta.get('arch')} ReIDModel: {e}") from None
     return save_reid(model, fname, size=size, **kwargs)
@@ -257,8 +257,8 @@ def _build_model(config:dict, state:dict) -> ReIDModel:
     "The `ReIDModel` described by `config`, holding the weights `state`"
     head = dict(config['head'])
     with torch.device('meta'):  # no random initialisation: the weights come from `state`
-        m = ReIDModel(config['arch'], config['n_ids'], blocks=config['blocks'], feat_dim=config['feat_dim'],
-                      neck_feat=config['feature']['output'] == 'neck', pretrained=False, **head)
+        m = create_reid_model(config['arch'], config['n_ids'], blocks=config['blocks'], feat_dim=config['feat_dim'],
+                              neck_feat=config['feature']['output'] == 'neck', pretrained=False, **head)
     m.load_state_dict(state, assign=True)
     return m
 

@@ -19,7 +19,7 @@ from fastai.metrics import accuracy
 import fastai.callback.all  # fastai's standard callbacks: progress table, `fit_one_cycle`, `to_fp16`, ...
 import matplotlib.pyplot as plt
 from PIL import Image
-from .model import ReIDModel, ReIDLoss, reid_splitter, unwrap_model
+from .model import ReIDModel, create_reid_model, ReIDLoss, reid_splitter, unwrap_model
 from .metrics import reid_metrics, reid_dist, protocol_mask, _check_int
 
 # %% auto #0
@@ -113,11 +113,11 @@ def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
                  opt_func=reference_sgd, # optimizer (default: the reference SGD)
                  cbs=None, # extra callbacks
                  **kwargs):
-    "A fastai `Learner` for ReID: `ReIDModel`, ReID loss, one parameter group per backbone block then the head"
+    "A fastai `Learner` for ReID: `create_reid_model`, ReID loss, one parameter group per backbone block then the head"
     if loss not in _losses: raise ValueError(f"loss={loss!r}: expected one of {list(_losses)}")
     n_ids,triplet = _dls_n_ids(dls),'triplet' in loss
     if isinstance(arch, ReIDModel): model = _given_model(arch, loss)
-    else: model = ReIDModel(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained, with_feats=triplet)
+    else: model = create_reid_model(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained, with_feats=triplet)
     _check_ids(model, dls)
     loss_func = kwargs.pop('loss_func', None) or ReIDLoss('ce' in loss, triplet, label_smoothing, triplet_margin, triplet_normalize)
     return Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=reid_splitter, metrics=metrics,
