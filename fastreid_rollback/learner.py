@@ -24,7 +24,7 @@ from .metrics import reid_metrics, reid_dist, protocol_mask, _check_int
 
 # %% auto #0
 __all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner',
-           'ReIDEvalCallback']
+           'ReIDEvalCallback', 'show_framed_image']
 
 # %% ../nbs/04_learner.ipynb #ef5c2b2b
 def reference_sgd(params, # parameter groups (from the splitter)
@@ -242,9 +242,13 @@ class ReIDEvalCallback(Callback):
         self._learn = learn
 
 # %% ../nbs/04_learner.ipynb #6f64f7b7
-def _show_img(ax, fn, title, colour=None):
-    "Show image file (or PIL image) `fn` on `ax` with `title` and a `colour` border"
-    ax.imshow(fn if isinstance(fn, Image.Image) else Image.open(fn), interpolation='nearest'); ax.set_title(title, fontsize=8)
+def show_framed_image(img, # an image file or a PIL image
+                      ax, # the matplotlib axes to draw on
+                      title:str=None, # a small title above the image
+                      colour:str=None, # the colour of a thick frame (e.g. 'green' for a true match, 'red' for a wrong one); None for no frame
+                     ):
+    "Show `img` on `ax` with a small `title` and a `colour` frame: a cell of `show_ranked` and `ReIDIndex.show`"
+    ax.imshow(img if isinstance(img, Image.Image) else Image.open(img), interpolation='nearest'); ax.set_title(title, fontsize=8)
     ax.set_xticks([]); ax.set_yticks([])
     for s in ax.spines.values(): s.set_visible(colour is not None); s.set_color(colour or 'k'); s.set_linewidth(4)
 
@@ -267,9 +271,9 @@ def show_ranked(self:Learner, n_queries:int=4, # number of queries (rows)
     d = reid_dist(qf[idxs], gf, dist).masked_fill_(~protocol_mask(qp[idxs], gp, qc[idxs], gc), math.inf)
     fig,axs = plt.subplots(len(idxs), top_k+1, figsize=figsize or (0.9*(top_k+1), 2*len(idxs)), squeeze=False)
     for row,i,di in zip(axs, idxs, d):
-        _show_img(row[0], query.items[i], f'query\npid {qp[i].item()} cam {qc[i].item()}')
+        show_framed_image(query.items[i], row[0], f'query\npid {qp[i].item()} cam {qc[i].item()}')
         for ax,j in zip(row[1:], di.sort(stable=True).indices[:top_k].tolist()):
             if di[j] == math.inf: ax.axis('off'); continue
-            _show_img(ax, gallery.items[j], f'pid {gp[j].item()} cam {gc[j].item()}', 'green' if gp[j] == qp[i] else 'red')
+            show_framed_image(gallery.items[j], ax, f'pid {gp[j].item()} cam {gc[j].item()}', 'green' if gp[j] == qp[i] else 'red')
     fig.tight_layout()
     return fig

@@ -116,7 +116,7 @@ def load_backbone_weights(backbone:nn.Module, # the body to load into
 
 # %% ../nbs/03_model.ipynb #bfac9a4f
 def atomic_write(path, # file to write; its folder is created if needed
-                 write, # `write(f)` writes the content into the binary file object `f`
+                 write, # `write(f)` writes the content into the binary file object `f` (a writer that takes only a path writes to `f.name`)
                 ):
     "Write `path` through a new temporary file in the same folder: `path` is never half-written, and its mode is what the umask gives"
     path = Path(path)
