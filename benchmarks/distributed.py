@@ -17,7 +17,7 @@ import torch, torch.distributed as dist, torch.multiprocessing as mp
 from fastai.callback.core import Callback
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
-from fastreid_rollback.model import ReIDModel, save_backbone
+from fastreid_rollback.model import create_reid_model, save_backbone
 from fastreid_rollback.experiment import train_reid
 
 class EpochTimes(Callback):
@@ -70,7 +70,7 @@ if __name__ == '__main__':
     with tempfile.TemporaryDirectory() as tmp:
         root = synthetic_reid(Path(tmp)/'data', n_ids=a.n_ids, imgs_per_id_cam=4)
         torch.manual_seed(0)
-        pre = save_backbone(ReIDModel('resnet18', n_ids=2), Path(tmp)/'resnet18.pth')
+        pre = save_backbone(create_reid_model('resnet18', n_ids=2), Path(tmp)/'resnet18.pth')
         load = os.getloadavg()[0]
         device = f'{a.procs} GPUs (NCCL)' if torch.cuda.is_available() else f'CPU, {a.cores} cores (gloo)'
         print(f'torch {torch.__version__}, {device}, resnet18 {a.size[0]}x{a.size[1]}, global batch {a.bs}, load average {load:.1f}')

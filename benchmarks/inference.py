@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np, torch
 import torch.nn.functional as F
 import onnxruntime as ort
-from fastreid_rollback.model import ReIDModel
+from fastreid_rollback.model import create_reid_model
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.inference import save_reid, load_reid, export_onnx, _Images
 
@@ -39,7 +39,7 @@ def main():
     torch.manual_seed(0); torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        save_reid(ReIDModel(a.arch, n_ids=751), d/'model.reid', size=tuple(a.size))
+        save_reid(create_reid_model(a.arch, n_ids=751), d/'model.reid', size=tuple(a.size))
         predictor = load_reid(d/'model.reid', device='cpu')
         export_onnx(predictor, d/'model.onnx')
         so = ort.SessionOptions(); so.intra_op_num_threads = so.inter_op_num_threads = a.threads

@@ -19,7 +19,7 @@ from torch import nn
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import SGD
-from fastreid_rollback.model import ReIDModel, block_state, load_block_state, reid_splitter
+from fastreid_rollback.model import create_reid_model, block_state, load_block_state, reid_splitter
 from fastreid_rollback.rollback import RollbackCallback, BlockGradStats
 
 def random_dls(n, bs, size, n_ids, seed=0):
@@ -31,7 +31,7 @@ def random_dls(n, bs, size, n_ids, seed=0):
 def make_learner(arch, n_ids, dls):
     "A Learner on `arch` whose 'pre-trained' state is its random initialisation (nothing is downloaded)"
     torch.manual_seed(0)
-    m = ReIDModel(arch, n_ids=n_ids)
+    m = create_reid_model(arch, n_ids=n_ids)
     m.pretrained_state = {n:block_state(m, n) for n in m.block_names}
     learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss(), splitter=reid_splitter,
                     opt_func=partial(SGD, mom=0.9), wd=5e-4, lr=0.01)

@@ -4,10 +4,11 @@
 
 # %% ../nbs/10_cli.ipynb #17844143
 from __future__ import annotations
-import sys, json, inspect, tempfile, warnings
+import sys, re, json, inspect, argparse, tempfile, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)  # fastai's import-time use: noise on a command line
 from pathlib import Path
-from fastcore.script import anno_parser, store_true
+from fastcore.script import store_true
+from fastcore.docments import docments
 from fastai.torch_core import rank_distrib
 from .synthetic import synthetic_reid
 from .data import market1501, dukemtmc_reid, msmt17, cuhk03_np, reid_dls
@@ -219,26 +220,28 @@ _user_errors = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErr
 
 class _UsageError(ValueError): "A command line argparse refuses"
 
+class _Parser(argparse.ArgumentParser):
+    "An `ArgumentParser` whose errors are `_UsageError`s pointing to the command's help"
+    def error(self, message): raise _UsageError(f"{message} (see {self.prog} --help)")
+
+_nargs = {'size': 2, 'query': '+'}  # flags taking several values: `--size 256 128`, `--query a.jpg b.jpg`
+
+def _flag(p, k, d):
+    "Add to parser `p` the flag of parameter `k` from its `docments` entry `d` (annotation, default, comment)"
+    if d.anno in (store_true, bool): return p.add_argument(f"--{k.replace('_', '-')}", dest=k, action='store_true', help=d.docment)
+    default = '' if d.default is None else f" (default: {' '.join(map(str, d.default)) if isinstance(d.default, tuple) else d.default})"
+    p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=d.anno, default=d.default, nargs=_nargs.get(k), help=f"{d.docment or ''}{default}")
+
 def _parser(cmd):
-    "argparse parser of sub-command `cmd`, from its function's signature and comments; its errors are `_UsageError`s"
-    p = anno_parser(commands[cmd], prog=f'fastreid-rollback {cmd}')
-    for a in p._actions:
-        if a.dest == 'size': a.nargs = 2
-        if a.dest == 'query': a.nargs = '+'
-    def error(msg): raise _UsageError(f"{msg} (see fastreid-rollback {cmd} --help)")
-    p.error = error
+    "argparse parser of sub-command `cmd`: a flag per parameter of its function, documented by the parameter's comment"
+    f = commands[cmd]
+    p = _Parser(prog=f'fastreid-rollback {cmd}', description=inspect.getdoc(f))
+    for k,d in docments(f, full=True, returns=False, eval_str=True).items(): _flag(p, k, d)
     return p
 
-def _spell_flags(argv, parser):
-    "`--epochs-per-period` and `--epochs_per_period` both work (fastcore 1 writes flags with '_', fastcore 2 with '-')"
-    known = {o for a in parser._actions for o in a.option_strings}
-    def fix(arg):
-        flag,eq,val = arg.partition('=')
-        if not flag.startswith('--') or flag in known: return arg
-        for alt in ('--'+flag[2:].replace('-', '_'), '--'+flag[2:].replace('_', '-')):
-            if alt in known: return alt+eq+val
-        return arg
-    return [fix(a) for a in argv]
+def _spell_flags(argv:list):
+    "Flags spelled with '_' (`--epochs_per_period`, as fastcore 1's parser wrote them) as the parser spells them (`--epochs-per-period`)"
+    return [re.sub(r'^--[^=]+', lambda m: m[0].replace('_', '-'), a) for a in argv]
 
 def _usage() -> str:
     "The top-level help: the commands and what each does (the first line of its docstring)"
@@ -251,7 +254,7 @@ def _one_line(e) -> str: return ' '.join(l.strip() for l in str(e).splitlines() 
 
 def main(argv:list=None, # arguments (default: sys.argv[1:])
         ):
-    "The `fastreid-rollback` console script: `demo`, `train` or `eval`"
+    "The `fastreid-rollback` console script: one of the `commands`"
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (['-h'], ['--help']):
         print(_usage())
@@ -263,9 +266,7 @@ def main(argv:list=None, # arguments (default: sys.argv[1:])
     cmd = argv[0]
     f = commands[cmd]
     try:
-        p = _parser(cmd)
-        args = {k:v for k,v in vars(p.parse_args(_spell_flags(argv[1:], p))).items() if k in inspect.signature(f).parameters}
-        f(**args)
+        f(**vars(_parser(cmd).parse_args(_spell_flags(argv[1:]))))
     except _user_errors as e:
         print(f"fastreid-rollback {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2

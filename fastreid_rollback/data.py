@@ -430,14 +430,9 @@ def reid_dls(
     train = df[df.split=='train'].reset_index(drop=True)
     dblock = ReIDDataBlock(size, flip, erasing, vocab=sorted(train.pid.unique().tolist()),
                            splitter=IdentitySplitter(valid_pct, seed), item_tfms=item_tfms, batch_tfms=batch_tfms)
-    dsets = dblock.datasets(train)
-    kw = dict(after_item=dblock.item_tfms, after_batch=dblock.batch_tfms, device=device, num_workers=num_workers)
-    trn = ReIDDL(dsets.train, sampler=sampler, p=p, k=k, bs=bs, shuffle=True, drop_last=True, **kw)
-    if seed is not None: trn.rng = random.Random(seed)
-    val = ReIDDL(dsets.valid, bs=bs, shuffle=False, drop_last=False, **kw)
-    if len(dsets.valid)==0:  # an empty valid cannot infer the batch types that `test_dl` and `new` need: take train's
-        trn._one_pass()
-        val._n_inp,val._types = trn._n_inp,trn._types
-    dls = ReIDDataLoaders(trn, val, path=path, device=device)
+    dls = dblock.dataloaders(train, bs=bs, dl_type=ReIDDL, dl_kwargs=[dict(sampler=sampler, p=p, k=k), dict(sampler='random')],
+                             device=device, num_workers=num_workers)  # `valid` is made by `train.new`, so it knows the batch types even when empty
+    dls = ReIDDataLoaders(*dls.loaders, path=path, device=device)
+    if seed is not None: dls.train.rng = random.Random(seed)
     dls.loaders += [dls.reid_dl(df[df.split==s]) for s in ('query', 'gallery')]
     return dls

@@ -85,7 +85,7 @@ def _sync_bn_names(model):
 
 class DDPTrainer(Callback):
     "Wrap the model in `DistributedDataParallel` and the training loader in `ShardedDL` for the fit, in the current process group"
-    order = 11  # after `MixedPrecision` (10), as fastai's `DistributedTrainer`
+    order,wrapped = 11,False  # after `MixedPrecision` (10), as fastai's `DistributedTrainer`
     def __init__(self, sync_bn:bool=None, # SyncBatchNorm layers: None for yes on CUDA, no on the CPU (where they cannot run)
                  **kwargs, # passed to `DistributedDataParallel` (e.g. `find_unused_parameters=True` for a loss that skips the classifier)
                 ): store_attr('sync_bn'); self.kwargs = kwargs
@@ -101,7 +101,8 @@ class DDPTrainer(Callback):
         return model
 
     def before_fit(self):
-        self.wrapped = not in_validation(self.learn) and dist.is_initialized()
+        if in_validation(self.learn): return  # `validate`/`get_preds` (also during the fit) leave the model as it is
+        self.wrapped = dist.is_initialized()
         if not self.wrapped: return
         dev = next(self.model.parameters()).device
         self.learn.model = DistributedDataParallel(self._prepare(self.model, dev), device_ids=[dev] if dev.type == 'cuda' else None, **self.kwargs)
@@ -114,7 +115,7 @@ class DDPTrainer(Callback):
             for b in self.learn.model.module.buffers(): dist.broadcast(b, 0)
 
     def after_fit(self):
-        if not self.wrapped: return
+        if not self.wrapped or in_validation(self.learn): return
         self.learn.model,self.dls.train,self.wrapped = self.learn.model.module,self.dl,False
 
 # %% ../nbs/04a_distributed.ipynb #8b97b9d3

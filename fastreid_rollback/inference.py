@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_inference.ipynb #9c368bcc
 from __future__ import annotations
-import copy, hashlib, json, os, tempfile
+import copy, hashlib, json
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import Tensor
@@ -22,33 +22,14 @@ from fastai.vision.augment import Resize
 from fastprogress.fastprogress import progress_bar
 import matplotlib.pyplot as plt
 from . import __version__
-from .model import ReIDModel, ClassBlock, BNNeck, create_backbone, resnet_archs, unwrap_model
+from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, create_backbone, resnet_archs, unwrap_model
 from .data import reid_item_tfms, reid_batch_tfms
 from .metrics import reid_dist
-from .learner import _show_img
+from .learner import show_framed_image
 from .experiment import read_checkpoint
 
 # %% auto #0
 __all__ = ['save_reid', 'checkpoint_to_reid', 'ReIDFeatures', 'ReIDPredictor', 'load_reid', 'ReIDIndex', 'export_onnx']
-
-# %% ../nbs/09_inference.ipynb #b70b0e83
-def _atomic_write(path, # file to write; its folder is created if needed
-                  write, # `write(tmp)` writes the whole file at path `tmp`
-                 ) -> Path:
-    "Call `write` on a temporary file beside `path`, then rename it to `path`, so `path` is never half-written"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd,tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
 
 # %% ../nbs/09_inference.ipynb #70c8a326
 _format_version = 1
@@ -57,7 +38,7 @@ _formats = {'model': ('fastreid_rollback.reid_model', 'export_reid'), 'index': (
 def _write_tensors(path, tensors:dict, kind:str, **meta) -> Path:
     "Write `tensors` and the strings `meta` atomically to a safetensors file of `kind` ('model' or 'index')"
     meta = {'format': _formats[kind][0], 'format_version': str(_format_version), 'library_version': __version__, **meta}
-    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return atomic_write(path, lambda f: save_file(tensors, f.name, metadata=meta))
 
 def _read_tensors(path, kind:str):
     "The tensors and metadata of a safetensors file of `kind`, or an error naming `path` and what is wrong"
@@ -159,7 +140,7 @@ def checkpoint_to_reid(checkpoint, # a file written by `save_checkpoint` (e.g. `
     if size is None: raise ValueError(f"checkpoint {str(checkpoint)!r} records no input size: pass size=(height, width)")
     bb = {k[9:]:v for k,v in sd.items() if k.startswith('backbone.')}
     neck = dict(neck='classblock', hidden=sd['head.neck.0.weight'].shape[0]) if 'head.neck.0.weight' in sd else dict(neck='bnneck')
-    model = ReIDModel(meta.get('arch') or _arch_of(bb), sd['head.classifier.weight'].shape[0], pretrained=False, **neck)
+    model = create_reid_model(meta.get('arch') or _arch_of(bb), sd['head.classifier.weight'].shape[0], pretrained=False, **neck)
     try: model.load_state_dict(sd)
     except RuntimeError as e: raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit a {meta.get('arch')} ReIDModel: {e}") from None
     return save_reid(model, fname, size=size, **kwargs)
@@ -257,8 +238,8 @@ def _build_model(config:dict, state:dict) -> ReIDModel:
     "The `ReIDModel` described by `config`, holding the weights `state`"
     head = dict(config['head'])
     with torch.device('meta'):  # no random initialisation: the weights come from `state`
-        m = ReIDModel(config['arch'], config['n_ids'], blocks=config['blocks'], feat_dim=config['feat_dim'],
-                      neck_feat=config['feature']['output'] == 'neck', pretrained=False, **head)
+        m = create_reid_model(config['arch'], config['n_ids'], blocks=config['blocks'], feat_dim=config['feat_dim'],
+                              neck_feat=config['feature']['output'] == 'neck', pretrained=False, **head)
     m.load_state_dict(state, assign=True)
     return m
 
@@ -424,11 +405,11 @@ def show(self:ReIDIndex, queries, # query image(s), as for `search`; a reader Da
     fig,axs = plt.subplots(len(items), k+1, figsize=figsize or (0.9*(k+1), 2*len(items)), squeeze=False)
     for i,(row,item) in enumerate(zip(axs, items)):
         img = item if isinstance(item, (str, Path)) else _rgb_image(item, f'queries[{i}]')
-        _show_img(row[0], img, 'query' + (f'\npid {qpids[i]}' if qpids else ''))
+        show_framed_image(img, row[0], 'query' + (f'\npid {qpids[i]}' if qpids else ''))
         for ax,r in zip(row[1:], res.iloc[i*k:(i+1)*k].itertuples()):
             known = not pd.isna(r.pid)
             colour = ('green' if r.pid == qpids[i] else 'red') if qpids and known and r.pid != -1 else None  # junk: no verdict
-            _show_img(ax, r.path, f'{r.distance:.3f}' + (f'\npid {r.pid} cam {r.camid}' if known else ''), colour)
+            show_framed_image(r.path, ax, f'{r.distance:.3f}' + (f'\npid {r.pid} cam {r.camid}' if known else ''), colour)
     fig.tight_layout()
     return fig
 
@@ -482,4 +463,4 @@ def export_onnx(predictor:ReIDPredictor, # the model to export
                              dynamic_shapes=({0: torch.export.Dim('batch')},), verbose=False)
     proto = prog.model_proto
     onnx.helper.set_model_props(proto, {'fastreid_rollback': json.dumps(predictor.config), 'fingerprint': predictor.fingerprint})
-    return _atomic_write(fname, lambda tmp: onnx.save(proto, tmp))
+    return atomic_write(fname, lambda f: onnx.save(proto, f))

@@ -12,20 +12,20 @@ import torch.nn.functional as F
 from fastcore.basics import store_attr, listify, patch, ifnone
 from fastcore.foundation import L
 from fastcore.meta import delegates
-from fastai.learner import Learner, ValueMetric, _maybe_item
+from fastai.learner import Learner, ValueMetric
 from fastai.callback.core import Callback, CancelValidException
 from fastai.optimizer import OptimWrapper
 from fastai.metrics import accuracy
 import fastai.callback.all  # fastai's standard callbacks: progress table, `fit_one_cycle`, `to_fp16`, ...
 import matplotlib.pyplot as plt
 from PIL import Image
-from .model import ReIDModel, ReIDLoss, reid_splitter, unwrap_model
+from .model import ReIDModel, create_reid_model, ReIDLoss, reid_splitter, unwrap_model
 from .metrics import reid_metrics, reid_dist, protocol_mask, _check_int
 from .retrieval import postprocessed_metrics, postprocess_names
 
 # %% auto #0
 __all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner',
-           'ReIDEvalCallback']
+           'ReIDEvalCallback', 'show_framed_image']
 
 # %% ../nbs/04_learner.ipynb #ef5c2b2b
 def reference_sgd(params, # parameter groups (from the splitter)
@@ -63,14 +63,19 @@ class ReIDCallback(Callback):
 # %% ../nbs/04_learner.ipynb #a6b94c26
 def in_validation(learn:Learner):
     "Whether `learn` is inside `validation_context` (`validate`, `get_preds`), which also sends `before_fit`/`before_epoch` to callbacks"
-    lock = getattr(learn, 'lock', None)
+    lock = getattr(learn, 'lock', None)  # held by `validation_context` while it runs, and by nothing else
     return lock is not None and lock.locked()
+
+def _number(v):
+    "`v` as the `Recorder` logs it: a Python number for a one-element tensor"
+    return v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
 
 class SkipEmptyValidCallback(Callback):
     "Skips the validation phase of `fit` when `dls.valid` is empty, and drops the columns only it could fill"
-    order = 55  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
+    order,skip,kept = 55,False,L()  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
     def before_fit(self):
-        self.skip,self.kept = not in_validation(self.learn) and len(self.dls.valid) == 0,L()
+        if in_validation(self.learn): return  # `validate` and `get_preds` run their loader as fastai does
+        self.skip,self.kept = len(self.dls.valid) == 0,L()
         rec = getattr(self.learn, 'recorder', None)
         if not self.skip or rec is None or not rec.valid_metrics: return
         mets = L(rec.loss) + self.learn.metrics  # what the `Recorder` logs after validation
@@ -80,17 +85,24 @@ class SkipEmptyValidCallback(Callback):
         rec.metric_names = names[:n] + valid + names[n+len(mets):]
 
     def before_validate(self):
-        if self.skip: raise CancelValidException()
+        if self.skip and not in_validation(self.learn): raise CancelValidException()
 
     def after_validate(self):
-        if self.kept: self.recorder.log += self.kept.map(_maybe_item)  # the `Recorder` logs nothing for a cancelled validation
+        if self.skip and self.kept and not in_validation(self.learn): self.recorder.log += [_number(m.value) for m in self.kept]  # the `Recorder` logs nothing for a cancelled validation
 
 # %% ../nbs/04_learner.ipynb #007b88fd
 _losses = ('ce', 'triplet', 'ce+triplet')
 
+def _given_model(model, loss):
+    "`model` as given (a `Learner` trains the object it is given), if it returns what `loss` needs"
+    if 'triplet' in loss and not model.with_feats: raise ValueError(
+        f"loss={loss!r} needs the pooled features, and the given ReIDModel returns only logits (with_feats=False): "
+        "build it with with_feats=True, or pass an arch name and let reid_learner build the model")
+    return model
+
 @delegates(Learner.__init__)
 def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
-                 arch:str|nn.Module='resnet50', # torchvision ResNet name, a backbone module (with `blocks=`), or a ready `ReIDModel` (then `pretrained`, `neck`, `blocks` are unused)
+                 arch:str|nn.Module='resnet50', # torchvision ResNet name, a backbone module (with `blocks=`), or a ready `ReIDModel`, trained as it is (then `pretrained`, `neck`, `blocks` are unused)
                  pretrained=True, # True (torchvision DEFAULT weights, from the local cache), False, a weights enum member or a local state-dict path
                  neck:str='classblock', # 'classblock' (reference head) or 'bnneck'
                  loss:str='ce', # 'ce', 'triplet' or 'ce+triplet' (summed)
@@ -102,14 +114,12 @@ def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
                  opt_func=reference_sgd, # optimizer (default: the reference SGD)
                  cbs=None, # extra callbacks
                  **kwargs):
-    "A fastai `Learner` for ReID: `ReIDModel`, ReID loss, one parameter group per backbone block then the head"
+    "A fastai `Learner` for ReID: `create_reid_model`, ReID loss, one parameter group per backbone block then the head"
     if loss not in _losses: raise ValueError(f"loss={loss!r}: expected one of {list(_losses)}")
-    n_ids = _dls_n_ids(dls)
-    if isinstance(arch, ReIDModel): model = arch
-    else: model = ReIDModel(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained)
+    n_ids,triplet = _dls_n_ids(dls),'triplet' in loss
+    if isinstance(arch, ReIDModel): model = _given_model(arch, loss)
+    else: model = create_reid_model(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained, with_feats=triplet)
     _check_ids(model, dls)
-    triplet = 'triplet' in loss
-    model.with_feats = triplet
     loss_func = kwargs.pop('loss_func', None) or ReIDLoss('ce' in loss, triplet, label_smoothing, triplet_margin, triplet_normalize)
     return Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=reid_splitter, metrics=metrics,
                    cbs=[ReIDCallback(), SkipEmptyValidCallback()]+listify(cbs), **kwargs)
@@ -249,9 +259,13 @@ class ReIDEvalCallback(Callback):
         self._learn = learn
 
 # %% ../nbs/04_learner.ipynb #6f64f7b7
-def _show_img(ax, fn, title, colour=None):
-    "Show image file (or PIL image) `fn` on `ax` with `title` and a `colour` border"
-    ax.imshow(fn if isinstance(fn, Image.Image) else Image.open(fn), interpolation='nearest'); ax.set_title(title, fontsize=8)
+def show_framed_image(img, # an image file or a PIL image
+                      ax, # the matplotlib axes to draw on
+                      title:str=None, # a small title above the image
+                      colour:str=None, # the colour of a thick frame (e.g. 'green' for a true match, 'red' for a wrong one); None for no frame
+                     ):
+    "Show `img` on `ax` with a small `title` and a `colour` frame: a cell of `show_ranked` and `ReIDIndex.show`"
+    ax.imshow(img if isinstance(img, Image.Image) else Image.open(img), interpolation='nearest'); ax.set_title(title, fontsize=8)
     ax.set_xticks([]); ax.set_yticks([])
     for s in ax.spines.values(): s.set_visible(colour is not None); s.set_color(colour or 'k'); s.set_linewidth(4)
 
@@ -274,9 +288,9 @@ def show_ranked(self:Learner, n_queries:int=4, # number of queries (rows)
     d = reid_dist(qf[idxs], gf, dist).masked_fill_(~protocol_mask(qp[idxs], gp, qc[idxs], gc), math.inf)
     fig,axs = plt.subplots(len(idxs), top_k+1, figsize=figsize or (0.9*(top_k+1), 2*len(idxs)), squeeze=False)
     for row,i,di in zip(axs, idxs, d):
-        _show_img(row[0], query.items[i], f'query\npid {qp[i].item()} cam {qc[i].item()}')
+        show_framed_image(query.items[i], row[0], f'query\npid {qp[i].item()} cam {qc[i].item()}')
         for ax,j in zip(row[1:], di.sort(stable=True).indices[:top_k].tolist()):
             if di[j] == math.inf: ax.axis('off'); continue
-            _show_img(ax, gallery.items[j], f'pid {gp[j].item()} cam {gc[j].item()}', 'green' if gp[j] == qp[i] else 'red')
+            show_framed_image(gallery.items[j], ax, f'pid {gp[j].item()} cam {gc[j].item()}', 'green' if gp[j] == qp[i] else 'red')
     fig.tight_layout()
     return fig

@@ -15,12 +15,13 @@ from torchvision.models import get_model, get_model_weights, list_models, Weight
 from fastcore.basics import store_attr, listify
 from fastcore.foundation import L
 from fastai.torch_core import Module
+from fastai.callback.hook import num_features_model
 
 # %% auto #0
 __all__ = ['resnet_blocks', 'resnet_archs', 'create_backbone', 'weights_cache_file', 'load_state_file', 'load_backbone_weights',
-           'atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'unwrap_model',
-           'block_names', 'block_modules', 'block_state', 'load_block_state', 'snapshot_blocks', 'reid_splitter',
-           'save_backbone', 'batch_hard_triplet', 'ReIDLoss']
+           'atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'create_reid_model',
+           'unwrap_model', 'block_names', 'block_modules', 'block_state', 'load_block_state', 'snapshot_blocks',
+           'reid_splitter', 'save_backbone', 'batch_hard_triplet', 'ReIDLoss']
 
 # %% ../nbs/03_model.ipynb #19ccafa4
 resnet_blocks = {'stem': ['conv1', 'bn1'], 'layer1': ['layer1'], 'layer2': ['layer2'],
@@ -82,7 +83,8 @@ def _check_keys(got, want, what):
 # %% ../nbs/03_model.ipynb #fc3c051a
 def _safe_globals():
     "What fastai optimizer states hold besides tensors (numpy scalars, fastcore's `L`), allowed by `weights_only` loading"
-    return [L, np.dtype, np._core.multiarray.scalar, *[getattr(np.dtypes, n) for n in np.dtypes.__all__]]
+    scalar = np.float64(0).__reduce__()[0]  # the function numpy scalars pickle with (`numpy._core.multiarray.scalar` in numpy 2)
+    return [L, np.dtype, scalar, *[getattr(np.dtypes, n) for n in np.dtypes.__all__]]
 
 def load_state_file(fn, # a file written by `torch.save` (a state dict, or a checkpoint with its optimizer state)
                     what:str, # how the error names the file, e.g. "pretrained='w.pth'"
@@ -114,7 +116,7 @@ def load_backbone_weights(backbone:nn.Module, # the body to load into
 
 # %% ../nbs/03_model.ipynb #bfac9a4f
 def atomic_write(path, # file to write; its folder is created if needed
-                 write, # `write(f)` writes the content into the binary file object `f`
+                 write, # `write(f)` writes the content into the binary file object `f` (a writer that takes only a path writes to `f.name`)
                 ):
     "Write `path` through a new temporary file in the same folder: `path` is never half-written, and its mode is what the umask gives"
     path = Path(path)
@@ -143,6 +145,7 @@ class ClassBlock(Module):
                  hidden:int=512, # bottleneck size
                  p:float=0.5, # dropout probability
                 ):
+        store_attr('nf,n_ids')
         self.neck = nn.Sequential(nn.Linear(nf, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.1), nn.Dropout(p))
         self.classifier = nn.Linear(hidden, n_ids)
         lin,bn = self.neck[0],self.neck[1]
@@ -163,6 +166,7 @@ class BNNeck(Module):
     def __init__(self, nf:int, # input feature size
                  n_ids:int, # number of training identities (classes)
                 ):
+        store_attr('nf,n_ids')
         self.neck = nn.Sequential(nn.BatchNorm1d(nf, affine=False), ChannelScale(nf))
         self.classifier = nn.Linear(nf, n_ids, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
@@ -184,57 +188,39 @@ def _check_blocks(backbone, blocks):
                 f"the backbone has no module {p!r} for block {name!r}; its modules are {[n for n,_ in backbone.named_children()]} "
                 f"(pass blocks=[module names, low to high] naming some of them)") from None
 
-def _feat_dim(backbone, size=(128, 64)):
-    "Size of the pooled feature of `backbone`, from one dummy image"
-    p = next(backbone.parameters())
-    was = backbone.training
-    backbone.eval()
-    with torch.no_grad(): f = backbone(torch.zeros(1, 3, *size, device=p.device, dtype=p.dtype))
-    backbone.train(was)
-    return f.shape[1]
+def _num_features(body:nn.Module):
+    "Size of the feature `body` returns: fastai's `num_features_model`, with the mode of `body` and the random generators left as they were"
+    was,p = body.training,next(body.parameters())
+    with torch.random.fork_rng(devices=[p.device] if p.is_cuda else []): nf = num_features_model(nn.Sequential(body))  # it runs a random image
+    body.train(was)
+    return nf
 
 # %% ../nbs/03_model.ipynb #5eacbcdf
-_necks = {'classblock': ClassBlock, 'bnneck': BNNeck}
-
 class ReIDModel(Module):
-    "A backbone with named `blocks` (low to high level), global average pooling and a ReID head"
+    "A backbone cut into named `blocks` (low to high level), global average pooling and a ReID head (`create_reid_model` builds one)"
     def __init__(self,
-        backbone:str|nn.Module='resnet50', # torchvision ResNet/ResNeXt/Wide-ResNet name, or a body module
-        n_ids:int=751, # number of training identities: classes of the head
-        neck:str='classblock', # 'classblock' (the reference head) or 'bnneck' (strong baseline)
-        blocks:list|dict=None, # module names of `backbone`, low to high (default: torchvision ResNet blocks)
-        pretrained=False, # False, True (torchvision DEFAULT weights), a weights enum member or a local state-dict path
-        pretrained_state:dict=None, # the block states to roll back to (default: captured from `pretrained`)
-        feat_dim:int=None, # size of the pooled backbone feature (default: found from the backbone)
+        backbone:nn.Module, # the body: images to a feature map (or to a pooled feature)
+        head:nn.Module=None, # `.neck` then `.classifier`, of sizes `nf` and `n_ids` (`ClassBlock`, `BNNeck`); an int in the older form `ReIDModel(arch, n_ids, **kwargs)`
+        blocks:list|dict=None, # module names of `backbone`, low to high (`resnet_blocks` for a torchvision ResNet)
+        pretrained_state:dict=None, # the block states to roll back to (`snapshot_blocks` of the pre-trained model)
         neck_feat:bool=False, # `features` returns the neck output instead of the pooled backbone feature
         with_feats:bool=False, # `forward` returns `(logits, pooled feature)` (for the triplet loss)
-        **kwargs # passed to the head (`ClassBlock`: hidden, p)
+        **kwargs # the older form only: passed to `create_reid_model`
     ):
-        if isinstance(n_ids, bool) or not isinstance(n_ids, (int, np.integer)) or n_ids < 1: raise ValueError(f"n_ids={n_ids!r}: expected the number of training identities (an int >= 1)")
-        n_ids = int(n_ids)
-        if neck not in _necks: raise ValueError(f"neck={neck!r}: expected one of {list(_necks)}")
-        arch = backbone if isinstance(backbone, str) else None
-        if arch is not None: backbone = create_backbone(arch)
-        elif not isinstance(backbone, nn.Module): raise ValueError(f"backbone={backbone!r}: expected a torchvision arch name or an nn.Module")
-        if blocks is None:
-            if not isinstance(backbone, torchvision.models.ResNet): raise ValueError(
-                f"blocks=None only works for torchvision ResNets; for a {type(backbone).__name__} pass blocks=[module names, low to high] "
-                f"from its modules {[n for n,_ in backbone.named_children()]}")
-            blocks = resnet_blocks
-            if not isinstance(backbone.fc, nn.Identity): feat_dim,backbone.fc = feat_dim or backbone.fc.in_features,nn.Identity()
+        if not isinstance(head, nn.Module):  # the older form, a factory call: `ReIDModel('resnet18', n_ids=10)` is `create_reid_model('resnet18', n_ids=10)`
+            m = create_reid_model(backbone, *L(head), blocks=blocks, pretrained_state=pretrained_state, **kwargs)
+            backbone,head,blocks,pretrained_state = m.backbone,m.head,m.blocks,m.pretrained_state
         self.blocks = _block_spec(blocks)
         _check_blocks(backbone, self.blocks)
-        self.backbone,self.pool = backbone,nn.AdaptiveAvgPool2d(1)
-        if pretrained is not False and pretrained is not None:
-            load_backbone_weights(backbone, pretrained, arch)
-            if pretrained_state is None: pretrained_state = snapshot_blocks(self)
-        self.pretrained_state = pretrained_state
-        self.feat_dim = feat_dim or _feat_dim(backbone)
-        self.head = _necks[neck](self.feat_dim, n_ids, **kwargs)
-        store_attr('n_ids,neck_feat,with_feats')
+        self.backbone,self.pool,self.head = backbone,nn.AdaptiveAvgPool2d(1),head
+        store_attr('pretrained_state,neck_feat,with_feats')
 
     @property
     def block_names(self): return list(self.blocks)
+    @property
+    def n_ids(self): return self.head.n_ids
+    @property
+    def feat_dim(self): return self.head.nf
 
     def pooled(self, x):
         "The pooled backbone feature of images `x`"
@@ -250,6 +236,47 @@ class ReIDModel(Module):
         f = self.pooled(x)
         logits = self.head(f)
         return (logits, f) if self.with_feats else logits
+
+# %% ../nbs/03_model.ipynb #d2e3856c
+_necks = {'classblock': ClassBlock, 'bnneck': BNNeck}
+
+def _check_n_ids(n_ids) -> int:
+    "`n_ids` as an int, or a `ValueError` naming it"
+    if isinstance(n_ids, bool) or not isinstance(n_ids, (int, np.integer)) or n_ids < 1: raise ValueError(f"n_ids={n_ids!r}: expected the number of training identities (an int >= 1)")
+    return int(n_ids)
+
+def _resnet_body(body):
+    "A torchvision ResNet `body` whose classifier `fc` is the identity; an error naming what to pass for any other body"
+    if not isinstance(body, torchvision.models.ResNet): raise ValueError(
+        f"blocks=None only works for torchvision ResNets; for a {type(body).__name__} pass blocks=[module names, low to high] "
+        f"from its modules {[n for n,_ in body.named_children()]}")
+    body.fc = nn.Identity()
+    return body
+
+def create_reid_model(
+    arch:str|nn.Module='resnet50', # torchvision ResNet/ResNeXt/Wide-ResNet name, or a body module
+    n_ids:int=751, # number of training identities: classes of the head
+    neck:str='classblock', # 'classblock' (the reference head) or 'bnneck' (strong baseline)
+    blocks:list|dict=None, # module names of the body, low to high (default: `resnet_blocks`, for a torchvision ResNet)
+    pretrained=False, # False, True (torchvision DEFAULT weights), a weights enum member, a local state-dict path or a state dict
+    pretrained_state:dict=None, # the block states to roll back to (default: captured from `pretrained`)
+    feat_dim:int=None, # size of the pooled body feature (default: found from the body)
+    neck_feat:bool=False, # `features` returns the neck output instead of the pooled backbone feature
+    with_feats:bool=False, # `forward` returns `(logits, pooled feature)` (for the triplet loss)
+    **kwargs # passed to the head (`ClassBlock`: hidden, p)
+) -> ReIDModel:
+    "A `ReIDModel`: the body of `arch` cut into `blocks`, with its `pretrained` weights (read from a local file) and a `neck` head for `n_ids` identities"
+    n_ids = _check_n_ids(n_ids)
+    if neck not in _necks: raise ValueError(f"neck={neck!r}: expected one of {list(_necks)}")
+    if not isinstance(arch, (str, nn.Module)): raise ValueError(f"arch={arch!r}: expected a torchvision arch name or an nn.Module")
+    body = create_backbone(arch) if isinstance(arch, str) else arch
+    if blocks is None: body,blocks = _resnet_body(body),resnet_blocks
+    head = _necks[neck](feat_dim or _num_features(body), n_ids, **kwargs)
+    model = ReIDModel(body, head, blocks, pretrained_state=pretrained_state, neck_feat=neck_feat, with_feats=with_feats)
+    if pretrained is not False and pretrained is not None:
+        load_backbone_weights(body, pretrained, arch if isinstance(arch, str) else None)
+        if pretrained_state is None: model.pretrained_state = snapshot_blocks(model)
+    return model
 
 # %% ../nbs/03_model.ipynb #ec478777
 def unwrap_model(model:nn.Module):

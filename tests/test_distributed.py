@@ -4,6 +4,7 @@ file, and the parent checks the ranks against each other, against the pre-traine
 import hashlib, os, shutil, signal, socket, subprocess, sys, time, warnings, json
 from pathlib import Path
 import pytest, torch
+from torch import nn
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from fastai.callback.core import Callback
@@ -184,6 +185,28 @@ def test_data_made_by_the_first_rank(ranks):
 def test_sync_bn_refused_on_cpu(ranks):
     _,(r0,r1) = ranks
     for r in (r0, r1): assert 'SyncBatchNorm only runs on CUDA' in r['sync_bn_error']
+
+# --- validation during a distributed fit ---------------------------------------------------------------------------
+
+class PredsMidFit(Callback):
+    "Calls `get_preds` after each epoch's training (it sends `before_fit`...`after_fit` too) and notes whether the model is still DDP's"
+    def before_fit(self): self.ddp = getattr(self, 'ddp', [])
+    def after_train(self):
+        self.learn.get_preds(dl=self.dls.query)
+        self.ddp.append(isinstance(self.learn.model, nn.parallel.DistributedDataParallel))
+
+def test_get_preds_during_ddp_fit(data):
+    "`get_preds` inside a fit under `DDPTrainer` (one gloo process here) neither unwraps the model nor leaves it wrapped after the fit"
+    from fastreid_rollback.distributed import DDPTrainer, ShardedDL
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
+    try:
+        learn = reid_learner(make_dls(data[0]), arch='resnet18', pretrained=data[1])
+        model,train,probe = learn.model,learn.dls.train,PredsMidFit()
+        with learn.no_bar(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            learn.fit(2, 0.01, cbs=[DDPTrainer(), probe])
+        assert probe.ddp == [True, True] and learn.model is model and learn.dls.train is train
+    finally: dist.destroy_process_group()
 
 # --- the command line under torchrun --------------------------------------------------------------------------------
 

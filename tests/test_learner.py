@@ -11,7 +11,7 @@ from fastai.torch_core import set_seed
 from fastai.callback.core import Callback, CancelFitException
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls, ReIDDataLoaders
-from fastreid_rollback.model import ReIDModel, block_modules
+from fastreid_rollback.model import ReIDModel, block_modules, save_backbone
 from fastreid_rollback.metrics import reid_metrics
 from fastreid_rollback.learner import *
 
@@ -152,6 +152,19 @@ def test_ids_must_fit_the_head(dls, df):
     with pytest.raises(ValueError, match="loss='arcface'"): reid_learner(dls, 'resnet18', pretrained=False, loss='arcface')
 
 
+def test_given_model_trained_as_given(dls):
+    "A ready ReIDModel is the object the Learner trains, never switched to other outputs behind the caller's back"
+    m = ReIDModel('resnet18', n_ids=dls.n_ids, with_feats=True)
+    w = m.head.classifier.weight.detach().clone()
+    learn = reid_learner(dls, m, loss='ce', cbs=[])
+    learn.remove_cb(ProgressCallback)
+    learn.fit(1, 0.01)
+    assert learn.model is m and m.with_feats and not torch.equal(m.head.classifier.weight, w)
+    plain = ReIDModel('resnet18', n_ids=dls.n_ids)
+    with pytest.raises(ValueError, match=r"loss='triplet' needs the pooled features.*with_feats=True"): reid_learner(dls, plain, loss='triplet')
+    assert not plain.with_feats
+    assert reid_learner(dls, 'resnet18', pretrained=False, loss='ce+triplet').model.with_feats   # a model it builds returns the features
+
 def test_features(dls):
     learn = _learner(dls, neck='bnneck')
     f, p, c = learn.reid_features(dls.gallery)
@@ -261,3 +274,33 @@ def test_valid_set_still_validated(df, recwarn):
     v = learn.recorder.values[-1]
     assert all(isinstance(x, float) and math.isfinite(x) for x in v)
     assert v[1] == pytest.approx(learn.validate()[0], rel=1e-5)   # the validation loss of the trained model
+
+
+# ---------------------------------------------------------------- validate/get_preds also send before_fit, before_epoch, after_fit
+def test_validation_leaves_callbacks_and_rng(dls, tmp_path):
+    "`validate` and `get_preds` change neither the state of the callbacks that set up a fit nor the seeds; a quiet fit is still a fit"
+    import random, numpy as np
+    from fastreid_rollback.rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
+    torch.manual_seed(0)
+    pre = save_backbone(ReIDModel('resnet18', n_ids=2), tmp_path/'pre.pth')
+    rb,gs,seed,ev = RollbackCallback(n_periods=2),BlockGradStats(),SeedEachEpoch(3),ReIDEvalCallback()
+    learn = reid_learner(dls, 'resnet18', pretrained=pre, cbs=[rb, gs, seed, ev])
+    learn.remove_cb(ProgressCallback)
+    learn.fit(2, 0.01)
+    skip = learn.skip_empty_valid
+    def state(): return (rb.events, len(rb.hist), gs.df.to_dict(), gs.rollback_epochs, skip.skip, list(skip.kept.attrgot('name')), list(ev.results),
+                         learn.reid_result, learn.recorder.rollback_events, learn.recorder.block_grads.to_dict(), learn.recorder.rollback_epochs)
+    def draws(f):
+        set_seed(7); f()
+        return torch.rand(3).tolist(), random.random(), np.random.rand()
+    before = state()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # the empty validation set
+        seeded = [draws(learn.validate), draws(lambda: learn.get_preds(dl=dls.query))]
+        assert state() == before
+        learn.remove_cb(seed)
+        assert seeded == [draws(learn.validate), draws(lambda: learn.get_preds(dl=dls.query))]   # SeedEachEpoch did not reseed
+    for quiet in (learn.no_logging, learn.no_mbar):
+        cb = RollbackCallback(n_periods=2)
+        with quiet(): learn.fit(2, 0.01, cbs=cb)
+        assert [e['epoch'] for e in cb.events] == [1]

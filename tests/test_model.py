@@ -24,7 +24,7 @@ def no_download(monkeypatch):
 
 
 def test_pretrained_true_missing_says_where(hub_dir, no_download):
-    with pytest.raises(FileNotFoundError) as e: ReIDModel('resnet18', n_ids=3, pretrained=True)
+    with pytest.raises(FileNotFoundError) as e: create_reid_model('resnet18', n_ids=3, pretrained=True)
     msg = str(e.value)
     assert str(hub_dir/'checkpoints'/'resnet18-f37072fd.pth') in msg and 'pretrained=<path' in msg
 
@@ -36,7 +36,7 @@ def test_pretrained_true_from_cache(hub_dir, no_download):
     fn.parent.mkdir(parents=True)
     torch.save(tv.state_dict(), fn)
     for pretrained in (True, ResNet18_Weights.IMAGENET1K_V1):
-        m = ReIDModel('resnet18', n_ids=3, pretrained=pretrained)
+        m = create_reid_model('resnet18', n_ids=3, pretrained=pretrained)
         assert torch.equal(m.backbone.layer4[1].bn2.running_var, tv.layer4[1].bn2.running_var)
         assert list(m.pretrained_state) == ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
         assert torch.equal(m.pretrained_state['stem']['conv1.weight'], tv.conv1.weight)
@@ -45,24 +45,24 @@ def test_pretrained_true_from_cache(hub_dir, no_download):
 
 
 def test_pretrained_state_is_a_copy(tmp_path):
-    src = ReIDModel('resnet18', n_ids=3)
-    m = ReIDModel('resnet18', n_ids=3, pretrained=save_backbone(src, tmp_path/'b.pth'))
+    src = create_reid_model('resnet18', n_ids=3)
+    m = create_reid_model('resnet18', n_ids=3, pretrained=save_backbone(src, tmp_path/'b.pth'))
     with torch.no_grad(): m.backbone.conv1.weight.add_(1.)
     assert torch.equal(m.pretrained_state['stem']['conv1.weight'], src.backbone.conv1.weight)
 
 
 def test_local_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match='nothing.pth'): ReIDModel('resnet18', n_ids=3, pretrained=tmp_path/'nothing.pth')
+    with pytest.raises(FileNotFoundError, match='nothing.pth'): create_reid_model('resnet18', n_ids=3, pretrained=tmp_path/'nothing.pth')
     sd = get_model('resnet18', weights=None).state_dict()
     del sd['layer2.0.conv1.weight']; sd['extra.weight'] = torch.zeros(1)
     torch.save(sd, tmp_path/'bad.pth')
-    with pytest.raises(ValueError) as e: ReIDModel('resnet18', n_ids=3, pretrained=tmp_path/'bad.pth')
+    with pytest.raises(ValueError) as e: create_reid_model('resnet18', n_ids=3, pretrained=tmp_path/'bad.pth')
     assert 'bad.pth' in str(e.value) and "'layer2.0.conv1.weight'" in str(e.value) and "'extra.weight'" in str(e.value)
     sd = get_model('resnet18', weights=None).state_dict()
     sd['conv1.weight'] = torch.zeros(64, 3, 3, 3)
     torch.save(sd, tmp_path/'shape.pth')
-    with pytest.raises(ValueError, match="'conv1.weight' has shape"): ReIDModel('resnet18', n_ids=3, pretrained=tmp_path/'shape.pth')
-    with pytest.raises(ValueError, match='pretrained=3'): ReIDModel('resnet18', n_ids=3, pretrained=3)
+    with pytest.raises(ValueError, match="'conv1.weight' has shape"): create_reid_model('resnet18', n_ids=3, pretrained=tmp_path/'shape.pth')
+    with pytest.raises(ValueError, match='pretrained=3'): create_reid_model('resnet18', n_ids=3, pretrained=3)
 
 
 def write_unusable(fn, content):
@@ -80,65 +80,86 @@ def write_unusable(fn, content):
 def test_unusable_pretrained_file_named(tmp_path, content):
     "A file that is no state dict: a ValueError naming it, never torch's advice to load untrusted pickles"
     fn = write_unusable(tmp_path/f'{content}.pth', content)
-    with pytest.raises(ValueError) as e: ReIDModel('resnet18', n_ids=3, pretrained=fn)
+    with pytest.raises(ValueError) as e: create_reid_model('resnet18', n_ids=3, pretrained=fn)
     msg = str(e.value)
     assert str(fn) in msg and 'weights_only' not in msg and 'state dict' in msg, msg
     assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)   # no chained torch message either
 
 
 def test_loads_fastai_and_ddp_files(tmp_path):
-    src = ReIDModel('resnet18', n_ids=4)
+    src = create_reid_model('resnet18', n_ids=4)
     torch.save({'model': src.state_dict(), 'opt': {}}, tmp_path/'learn.pth')     # as fastai's learn.save writes
     torch.save({f'module.{k}':v for k,v in src.state_dict().items()}, tmp_path/'ddp.pth')
     for fn in ('learn.pth', 'ddp.pth'):
-        m = ReIDModel('resnet18', n_ids=9, pretrained=tmp_path/fn)
+        m = create_reid_model('resnet18', n_ids=9, pretrained=tmp_path/fn)
         assert torch.equal(m.backbone.layer1[0].conv1.weight, src.backbone.layer1[0].conv1.weight)
 
 
+def test_state_file_with_numpy_scalars(tmp_path):
+    "What fastai optimizer states hold besides tensors (numpy scalars, dtypes, fastcore `L`s) loads with `weights_only`"
+    import numpy as np
+    from fastcore.foundation import L
+    sd = {'w': torch.ones(2), 'lr': np.float64(0.01), 'step': np.int64(3), 'mom': np.float32(0.9), 'dt': np.dtype('float32'), 'groups': L([1, 2])}
+    torch.save(sd, tmp_path/'opt.pth')
+    got = load_state_file(tmp_path/'opt.pth', 'opt.pth')
+    assert [type(got[k]) for k in ('lr', 'step', 'mom')] == [np.float64, np.int64, np.float32]
+    assert got['lr'] == 0.01 and got['step'] == 3 and got['dt'] == np.float32 and list(got['groups']) == [1, 2] and torch.equal(got['w'], sd['w'])
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="arch='vgg16'"): ReIDModel('vgg16', n_ids=3)
-    with pytest.raises(ValueError, match='n_ids=0'): ReIDModel('resnet18', n_ids=0)
-    with pytest.raises(ValueError, match='n_ids=2.5'): ReIDModel('resnet18', n_ids=2.5)
-    with pytest.raises(ValueError, match='n_ids=True'): ReIDModel('resnet18', n_ids=True)
-    with pytest.raises(ValueError, match="neck='fancy'"): ReIDModel('resnet18', n_ids=3, neck='fancy')
+    with pytest.raises(ValueError, match="arch='vgg16'"): create_reid_model('vgg16', n_ids=3)
+    with pytest.raises(ValueError, match='n_ids=0'): create_reid_model('resnet18', n_ids=0)
+    with pytest.raises(ValueError, match='n_ids=2.5'): create_reid_model('resnet18', n_ids=2.5)
+    with pytest.raises(ValueError, match='n_ids=True'): create_reid_model('resnet18', n_ids=True)
+    with pytest.raises(ValueError, match="neck='fancy'"): create_reid_model('resnet18', n_ids=3, neck='fancy')
     with pytest.raises(ValueError, match="no module 'layer5' for block 'layer5'"):
-        ReIDModel(get_model('resnet18'), n_ids=3, blocks=['layer1', 'layer5'])
+        create_reid_model(get_model('resnet18'), n_ids=3, blocks=['layer1', 'layer5'])
     with pytest.raises(ValueError, match='pretrained=True needs a torchvision arch'):
-        ReIDModel(nn.Sequential(nn.Conv2d(3, 4, 3)), n_ids=3, blocks=['0'], pretrained=True)
+        create_reid_model(nn.Sequential(nn.Conv2d(3, 4, 3)), n_ids=3, blocks=['0'], pretrained=True)
     with pytest.raises(ValueError, match='expected a ReIDModel'): reid_splitter(nn.Linear(2, 2))
 
 
 def test_numpy_n_ids():
     import numpy as np
-    m = ReIDModel('resnet18', n_ids=np.int64(7))                              # e.g. a count from pandas
+    m = create_reid_model('resnet18', n_ids=np.int64(7))                              # e.g. a count from pandas
     assert m.n_ids == 7 and type(m.n_ids) is int and m.head.classifier.out_features == 7
 
 @pytest.mark.parametrize('arch', ['resnet34', 'resnext50_32x4d', 'wide_resnet50_2'])
 def test_every_resnet_family(arch):
-    m = ReIDModel(arch, n_ids=5)
+    m = create_reid_model(arch, n_ids=5)
     assert m.block_names == ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
     assert m.feat_dim == (512 if arch == 'resnet34' else 2048)
     groups = reid_splitter(m)
     assert [len(g) for g in groups[:-1]] == [len(list(p for o in block_modules(m, n) for p in o.parameters())) for n in m.block_names]
 
 
+def test_model_from_parts_and_older_form():
+    "A ReIDModel is its parts; `ReIDModel(arch, n_ids, ...)`, the form of earlier versions, is `create_reid_model` (same weights, same random draws)"
+    m = ReIDModel(create_backbone('resnet18'), ClassBlock(512, 9), resnet_blocks, neck_feat=True)
+    assert (m.n_ids, m.feat_dim, m.block_names, m.pretrained_state, m.neck_feat) == (9, 512, list(resnet_blocks), None, True)
+    with pytest.raises(ValueError, match="no module 'layer9'"): ReIDModel(create_backbone('resnet18'), ClassBlock(512, 9), ['layer9'])
+    torch.manual_seed(0); a = create_reid_model('resnet18', n_ids=7, neck='bnneck', with_feats=True); ra = torch.rand(1)
+    torch.manual_seed(0); b = ReIDModel('resnet18', n_ids=7, neck='bnneck', with_feats=True); rb = torch.rand(1)
+    assert type(b) is ReIDModel and b.with_feats and isinstance(b.head, BNNeck) and torch.equal(ra, rb)
+    assert all(torch.equal(v, b.state_dict()[k]) for k,v in a.state_dict().items())
+    assert a.training and a.backbone.training   # finding the feature size left the body in training mode
+
 def test_torchvision_module_backbone():
     tv = get_model('resnet18', weights=None)
-    m = ReIDModel(tv, n_ids=5, neck='bnneck')
+    m = create_reid_model(tv, n_ids=5, neck='bnneck')
     assert m.block_names[0] == 'stem' and m.feat_dim == 512 and isinstance(m.backbone.fc, nn.Identity)
     assert m.features(torch.randn(2, 3, 64, 32)).shape == (2, 512)
 
 
 def test_neck_feat():
-    m = ReIDModel('resnet18', n_ids=5, neck='bnneck', neck_feat=True).eval()
+    m = create_reid_model('resnet18', n_ids=5, neck='bnneck', neck_feat=True).eval()
     x = torch.randn(3, 3, 64, 32)
     assert torch.allclose(m.features(x), m.head.neck(m.pooled(x)))
-    m = ReIDModel('resnet18', n_ids=5, neck_feat=True).eval()
+    m = create_reid_model('resnet18', n_ids=5, neck_feat=True).eval()
     assert m.features(x).shape == (3, 512)
 
 
 def test_load_block_state_keeps_device_dtype_and_objects():
-    m = ReIDModel('resnet18', n_ids=5)
+    m = create_reid_model('resnet18', n_ids=5)
     snap = snapshot_blocks(m)
     m = m.double()
     p = m.backbone.layer3[0].conv1.weight
@@ -151,11 +172,11 @@ def test_load_block_state_keeps_device_dtype_and_objects():
 
 
 def test_wrappers_and_syncbn():
-    m = ReIDModel('resnet18', n_ids=5)
+    m = create_reid_model('resnet18', n_ids=5)
     dp = nn.DataParallel(m)
     assert unwrap_model(dp) is m and block_names(dp) == m.block_names
     assert [id(p) for g in reid_splitter(dp) for p in g] == [id(p) for g in reid_splitter(m) for p in g]
-    s = nn.SyncBatchNorm.convert_sync_batchnorm(ReIDModel('resnet18', n_ids=5, neck='bnneck'))
+    s = nn.SyncBatchNorm.convert_sync_batchnorm(create_reid_model('resnet18', n_ids=5, neck='bnneck'))
     assert isinstance(block_modules(s, 'layer1')[0][0].bn1, nn.SyncBatchNorm)
     assert isinstance(s.head.neck[0], nn.SyncBatchNorm)
     load_block_state(s, 'layer1', block_state(m, 'layer1'))
@@ -164,7 +185,7 @@ def test_wrappers_and_syncbn():
 
 def test_splitter_keeps_unassigned_params_with_head():
     body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3))
-    m = ReIDModel(body, n_ids=3, blocks=['0', '2'])
+    m = create_reid_model(body, n_ids=3, blocks=['0', '2'])
     groups = reid_splitter(m)
     assert len(groups) == 3 and groups[0] == list(body[0].parameters()) and groups[1] == list(body[2].parameters())
     assert {id(p) for p in body[1].parameters()} <= {id(p) for p in groups[2]}
@@ -172,12 +193,12 @@ def test_splitter_keeps_unassigned_params_with_head():
 
 
 def test_save_backbone_is_atomic_and_loadable(tmp_path):
-    m = ReIDModel('resnet18', n_ids=5)
+    m = create_reid_model('resnet18', n_ids=5)
     fn = save_backbone(nn.DataParallel(m), tmp_path/'sub'/'bb.pth')
     assert fn.is_file() and [p.name for p in fn.parent.iterdir()] == ['bb.pth']
     sd = torch.load(fn, weights_only=True)
     assert not any(k.startswith(('fc.', 'head.')) for k in sd)
-    m2 = ReIDModel(get_model('resnet18'), n_ids=2, pretrained=fn)
+    m2 = create_reid_model(get_model('resnet18'), n_ids=2, pretrained=fn)
     assert torch.equal(m2.backbone.bn1.running_mean, m.backbone.bn1.running_mean)
 
 
