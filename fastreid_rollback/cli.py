@@ -14,7 +14,7 @@ from .synthetic import synthetic_reid
 from .data import market1501, dukemtmc_reid, msmt17, cuhk03_np, reid_dls
 from .learner import reid_learner
 from .distributed import on_rank0_first
-from .experiment import (imagenet_weights_available, pretrain_backbone, compare_rollback, train_reid,
+from .experiment import (imagenet_weights_available, source_backbone, compare_rollback, arm_names, train_reid,
                                           save_report, save_checkpoint, read_checkpoint)
 from .model import atomic_write
 from .metrics import _check_int
@@ -42,10 +42,12 @@ def _is_demo_output(out:Path) -> bool:
 
 # %% ../nbs/10_cli.ipynb #39f5a97a
 demo_settings = {
-    'full':  dict(n_ids=100, imgs_per_id_cam=4, arch='resnet18', size=(128, 64), bs=32, lr=0.01,
-                  n_periods=4, epochs_per_period=2, pretrain_epochs=6, pretrain_ids=100),
-    'quick': dict(n_ids=24, imgs_per_id_cam=2, arch='resnet18', size=(64, 32), bs=16, lr=0.01,
-                  n_periods=2, epochs_per_period=1, pretrain_epochs=1, pretrain_ids=16),
+    'full':  dict(arch='resnet18', size=(64, 32), bs=32, lr=0.01, n_periods=4, epochs_per_period=2,
+                  target=dict(n_ids=100, n_train_ids=40, n_cams=4, imgs_per_id_cam=2, shift=0.5),
+                  source=dict(n_ids=300, n_cams=4, imgs_per_id_cam=2, epochs=5, lr=0.05, bs=32)),
+    'quick': dict(arch='resnet18', size=(64, 32), bs=16, lr=0.01, n_periods=2, epochs_per_period=1,
+                  target=dict(n_ids=24, n_train_ids=8, n_cams=3, imgs_per_id_cam=2, shift=0.5),
+                  source=dict(n_ids=24, n_cams=3, imgs_per_id_cam=2, epochs=1, lr=0.05, bs=16)),
 }
 
 def demo(out:str='demo_out', # folder for results.json, results.csv and the plots: empty, new, or an earlier demo's
@@ -53,28 +55,34 @@ def demo(out:str='demo_out', # folder for results.json, results.csv and the plot
          seed:int=0, # seed of the data and of the training
          overwrite:store_true=False, # write into an --out folder holding other files, replacing an earlier demo made with other settings
         ):
-    "Baseline against rolling-back on the embedded dataset, with no download"
+    "Baseline, control and rolling back (and period 1 alone) on a shifted target of the embedded dataset, with no download"
     s, out = demo_settings['quick' if quick else 'full'], _out_folder(out)
     if not overwrite and out.exists() and any(out.iterdir()) and not _is_demo_output(out): raise FileExistsError(
         f"--out {str(out)!r} holds files no demo wrote, which results.csv, results.json and the plots could replace: "
         "pass an empty or new folder, or --overwrite")
-    print(f"Generating the embedded dataset in {out/'data'} ...")
-    try: root = synthetic_reid(out/'data', n_ids=s['n_ids'], imgs_per_id_cam=s['imgs_per_id_cam'], seed=seed, overwrite=overwrite)
+    t = s['target']
+    print(f"Generating the target in {out/'data'}: {t['n_train_ids']} training identities, {t['n_ids']-t['n_train_ids']} to query, "
+          f"{t['n_cams']} cameras with a low-level shift of {t['shift']} ...")
+    try: root = synthetic_reid(out/'data', size=s['size'], seed=seed, overwrite=overwrite, **t)
     except FileExistsError: raise FileExistsError(f"--out {str(out)!r} holds a demo made with other settings (--seed, --quick): "
                                                   "pass --overwrite to replace it, or another --out") from None
     if imagenet_weights_available(s['arch']):
         print(f"Using the ImageNet weights of {s['arch']} from the local torch hub cache.")
         pretrained = True
     else:
-        print(f"No ImageNet weights for {s['arch']} in the local torch hub cache: pre-training the backbone on a "
-              f"synthetic source domain whose identities and cameras are disjoint from the target's.")
-        pretrained = pretrain_backbone(out/'pretrain', arch=s['arch'], epochs=s['pretrain_epochs'], size=s['size'], bs=s['bs'],
-                                       seed=seed, n_ids=s['pretrain_ids'], imgs_per_id_cam=s['imgs_per_id_cam'], overwrite=overwrite)
+        src = s['source']
+        print(f"No ImageNet weights for {s['arch']} in the local torch hub cache: pre-training the backbone on a synthetic source "
+              f"domain ({src['n_ids']} identities, {src['n_cams']} cameras, no shift) disjoint from the target, or reading it from the cache ...")
+        pretrained = source_backbone(arch=s['arch'], size=s['size'], seed=seed, **src)
     dls = reid_dls(market1501(root), size=s['size'], bs=s['bs'], seed=seed)
-    runs = compare_rollback(dls, n_periods=s['n_periods'], epochs_per_period=s['epochs_per_period'], arch=s['arch'],
+    zero_shot = reid_learner(dls, arch=s['arch'], pretrained=pretrained).reid_evaluate()
+    print(f"Zero-shot mAP of the pre-trained backbone on the target: {zero_shot.mAP:.4f}")
+    runs = compare_rollback(dls, n_periods=s['n_periods'], epochs_per_period=s['epochs_per_period'], arms=arm_names, arch=s['arch'],
                             pretrained=pretrained, lr=s['lr'], seed=seed)
-    table = save_report(runs, out, config={**s, 'seed': seed, 'pretrained': str(pretrained)})
+    extra = {'period1': {**runs['rollback'].period_end(1).as_dict(), 'rollback_epochs': []}}
+    table = save_report(runs, out, config={**s, 'seed': seed, 'pretrained': str(pretrained), 'zero_shot_mAP': zero_shot.mAP}, extra=extra)
     print(table.to_string())
+    print(f"period1 is the rolling-back run at the end of its first period. One seed: see benchmarks/rollback_evidence.py for the study.")
     print(f"Wrote results.json, results.csv and plots to {out}")
     return table
 

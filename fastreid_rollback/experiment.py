@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_experiment.ipynb #b9f65b3e
 from __future__ import annotations
-import json, time
+import os, json, time, hashlib, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from fastcore.foundation import L
@@ -16,16 +16,18 @@ from fastai.learner import Learner
 from .metrics import ReIDResult, plot_cmc
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
-from .model import unwrap_model, save_backbone, weights_cache_file, atomic_save, atomic_write, load_state_file, _check_keys
-from .learner import reid_learner, ReIDEvalCallback
+from .model import (unwrap_model, save_backbone, weights_cache_file, atomic_save, atomic_write, load_state_file, _check_keys,
+                                     block_state, block_modules)
+from .learner import reid_learner, ReIDEvalCallback, in_validation
 from .metrics import _check_int
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
 from .distributed import ddp_ctx  # `Learner.ddp_ctx`
 
 # %% auto #0
-__all__ = ['source_domain', 'imagenet_weights_available', 'pretrain_backbone', 'save_checkpoint', 'read_checkpoint',
-           'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid', 'compare_rollback', 'results_table',
-           'plot_losses', 'save_report']
+__all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'rollback_cache',
+           'source_backbone', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun',
+           'train_reid', 'train_arm', 'compare_rollback', 'results_table', 'EpochLosses', 'run_record',
+           'block_weight_change', 'plateau_epoch', 'paired_difference', 'decide', 'plot_losses', 'save_report']
 
 # %% ../nbs/06_experiment.ipynb #87c74842
 def imagenet_weights_available(arch:str='resnet50', # torchvision architecture name
@@ -43,6 +45,7 @@ def pretrain_backbone(dest:str|Path, # folder for the source data and the weight
                       size:tuple=(128, 64), # input size (height, width)
                       bs:int=32, # batch size
                       seed:int=0, # seed of the data and the training
+                      cbs=None, # callbacks for the fit (e.g. one that watches a target's zero-shot mAP)
                       **synth_kwargs, # passed to `synthetic_reid` (n_ids, n_cams, ...)
                      ) -> Path: # the saved backbone, to pass as `pretrained=`
     "Pre-train `arch` from scratch on a synthetic source domain disjoint from the default target"
@@ -50,8 +53,43 @@ def pretrain_backbone(dest:str|Path, # folder for the source data and the weight
     src = synthetic_reid(dest/'source', seed=seed, **{**source_domain, **synth_kwargs})
     set_seed(seed)
     learn = reid_learner(reid_dls(market1501(src), size=size, bs=bs, seed=seed), arch=arch, pretrained=False)
-    learn.fit_one_cycle(epochs, lr)
+    learn.fit_one_cycle(epochs, lr, cbs=cbs)
     return save_backbone(learn.model, dest/f'{arch}_source_pretrained.pth')
+
+# %% ../nbs/06_experiment.ipynb #884408d4
+def rollback_cache() -> Path:
+    "Folder of the cached source backbones: `$FASTREID_ROLLBACK_CACHE`, else `~/.cache/fastreid_rollback`"
+    return Path(os.environ.get('FASTREID_ROLLBACK_CACHE') or Path.home()/'.cache'/'fastreid_rollback').expanduser()
+
+def source_backbone(arch:str='resnet18', # torchvision architecture name
+                    n_ids:int=800, # training identities of the source domain
+                    n_cams:int=6, # cameras of the source domain
+                    imgs_per_id_cam:int=2, # images of each identity per camera
+                    size:tuple=(64, 32), # input size (height, width), the target's
+                    epochs:int=8, # epochs of the one-cycle schedule
+                    lr:float=0.05, # its peak learning rate
+                    bs:int=32, # batch size
+                    seed:int=0, # seed of the data and the training
+                    cache:str|Path=None, # folder of the cache (default: `rollback_cache()`)
+                    cbs=None, # callbacks that watch the pre-training (not part of the cache key: they must not change it)
+                   ) -> Path: # the backbone file, to pass as `pretrained=`
+    "`arch` pre-trained from scratch on a large synthetic source domain (the stand-in for ImageNet), built once and cached by its arguments"
+    args = dict(arch=arch, n_ids=n_ids, n_cams=n_cams, imgs_per_id_cam=imgs_per_id_cam, size=[int(s) for s in size],
+                epochs=epochs, lr=lr, bs=bs, seed=seed)
+    key = hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache) if cache is not None else rollback_cache()
+    fn = folder/f'source-{arch}-{key}.pth'
+    if fn.is_file(): return fn
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f'.{fn.stem}.') as tmp:   # the training's own files stay out of the cache
+        t0 = time.perf_counter()
+        # one identity more than trains, so the source has the query/gallery `reid_dls` wants; no distractors, no junk
+        w = pretrain_backbone(tmp, arch=arch, epochs=epochs, lr=lr, size=size, bs=bs, seed=seed, cbs=cbs, n_ids=n_ids+1, n_train_ids=n_ids,
+                              n_cams=n_cams, imgs_per_id_cam=imgs_per_id_cam, n_distractors=0, n_junk=0)
+        info = {**args, 'build_time_s': round(time.perf_counter()-t0, 1)}
+        atomic_write(fn.with_suffix('.json'), lambda f: f.write(json.dumps(info, indent=2).encode()))
+        atomic_write(fn, lambda f: f.write(Path(w).read_bytes()))   # last: the backbone file present means the entry is complete
+    return fn
 
 # %% ../nbs/06_experiment.ipynb #343dc935
 def save_checkpoint(learn:Learner, # the learner to save
@@ -134,12 +172,19 @@ class CheckpointCallback(Callback):
 
 # %% ../nbs/06_experiment.ipynb #9a5c48df
 class ReIDRun:
-    "One finished training run: its learner, test metrics, training time and the records of its callbacks"
-    def __init__(self, name:str, learn:Learner, result:ReIDResult, train_time:float, rollback:RollbackCallback, grads:BlockGradStats):
-        store_attr()
+    "One finished training run: its learner, test metrics, training time, the records of its callbacks and the evaluations made during the fit"
+    def __init__(self, name:str, learn:Learner, result:ReIDResult, train_time:float, rollback:RollbackCallback, grads:BlockGradStats,
+                 evals:dict=None): # {epoch: ReIDResult} of the evaluations during the fit
+        store_attr(but='evals'); self.evals = evals or {}
 
     @property
     def rollback_epochs(self): return [ev['epoch'] for ev in self.rollback.events]
+
+    def period_end(self, k:int): # period, counting from 1
+        "The evaluation at the end of period `k`"
+        e = k*self.rollback.period_len - 1
+        if e not in self.evals: raise ValueError(f"the run {self.name!r} was not evaluated at the end of period {k} (epoch {e}); it was at epochs {sorted(self.evals)}")
+        return self.evals[e]
 
     def as_dict(self): return {**self.result.as_dict(), 'train_time_s': round(self.train_time, 2)}
     def __repr__(self): return f"ReIDRun({self.name!r}, {self.result!r}, train_time={self.train_time:.1f}s)"
@@ -165,6 +210,7 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                fp16:bool=False, # mixed precision (`learn.to_fp16()`)
                seed:int=0, # seed of the initialisation and of every epoch's randomness
                eval_every:int=None, # ReID metrics in the progress table every this many epochs (default: each period end)
+               restore:bool=True, # roll back to the pre-trained weights; False: the control (same schedule, no weights copied)
                meta:dict=None, # plain values stored in every checkpoint besides the run's own (e.g. the input size)
                **learner_kwargs, # passed to `reid_learner`
               ) -> ReIDRun:
@@ -172,8 +218,9 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
     set_seed(seed)
     learn = reid_learner(dls, arch=arch, pretrained=pretrained, **learner_kwargs)
     if fp16: learn.to_fp16()
-    rollback, grads = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period), BlockGradStats()
-    cbs = [rollback, grads, SeedEachEpoch(seed), ReIDEvalCallback(every=eval_every or epochs_per_period)]
+    rollback, grads = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period, restore=restore), BlockGradStats()
+    evals = ReIDEvalCallback(every=eval_every or epochs_per_period)
+    cbs = [rollback, grads, SeedEachEpoch(seed), evals]
     start,resumed = 0,None
     if resume and out is None: raise ValueError("resume=True needs out: the folder whose checkpoints/last.pth the run continues")
     ckpt = None if out is None else Path(out)/'checkpoints'
@@ -190,23 +237,112 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
     train_time = time.perf_counter() - t0 + (resumed or {}).get('train_time_s', 0.)
     if resumed: _carry_on(learn, resumed, rollback, grads)
     name = name or ('baseline' if n_periods == 1 else f'rollback x{n_periods}')
-    return ReIDRun(name, learn, learn.reid_evaluate(), train_time, rollback, grads)
+    result = evals.results.get(learn.n_epoch-1) or learn.reid_evaluate()  # the last epoch's evaluation is the final one
+    return ReIDRun(name, learn, result, train_time, rollback, grads, evals.results)
 
 # %% ../nbs/06_experiment.ipynb #2aef2e70
+arm_names = ('baseline', 'control', 'rollback')
+
+def train_arm(dls, # `reid_dls` DataLoaders (with query and gallery)
+              arm:str, # 'baseline' (one period of all the epochs), 'control' (the schedule, no restore) or 'rollback'
+              n_periods:int=4, # periods of the control and rolling-back runs
+              epochs_per_period:int=40, # epochs per period; the baseline trains n_periods*epochs_per_period in one period
+              **kwargs, # passed to `train_reid` (arch, pretrained, lr, seed, ...)
+             ) -> ReIDRun:
+    "One arm of the comparison, evaluated at the end of every `epochs_per_period` epochs (the baseline too)"
+    if arm not in arm_names: raise ValueError(f"arm={arm!r}: expected one of {arm_names}")
+    kwargs = {'eval_every': epochs_per_period, **kwargs}
+    if arm == 'baseline': return train_reid(dls, n_periods=1, epochs_per_period=n_periods*epochs_per_period, name=arm, **kwargs)
+    return train_reid(dls, n_periods=n_periods, epochs_per_period=epochs_per_period, restore=arm == 'rollback', name=arm, **kwargs)
+
 def compare_rollback(dls, # `reid_dls` DataLoaders (with query and gallery)
                      n_periods:int=4, # periods of the rolling-back run
                      epochs_per_period:int=40, # epochs per period; the baseline trains n_periods*epochs_per_period
+                     arms:tuple=('baseline', 'rollback'), # which of `arm_names` to train
                      **kwargs, # passed to `train_reid` (arch, pretrained, lr, seed, ...)
-                    ) -> dict: # {'baseline': ReIDRun, 'rollback': ReIDRun}
-    "Train the one-period baseline and the rolling-back schedule for the same total epochs"
-    return {'baseline': train_reid(dls, n_periods=1, epochs_per_period=n_periods*epochs_per_period, name='baseline', **kwargs),
-            'rollback': train_reid(dls, n_periods=n_periods, epochs_per_period=epochs_per_period, name='rollback', **kwargs)}
+                    ) -> dict: # {arm: ReIDRun}
+    "Train the one-period baseline and the rolling-back schedule (and the control) for the same total epochs"
+    return {a: train_arm(dls, a, n_periods, epochs_per_period, **kwargs) for a in arms}
 
 def results_table(runs:dict, # {name: ReIDRun}
+                  extra:dict=None, # more rows: {name: metrics dict}, e.g. a `period_end` evaluation's `as_dict()`
                  ) -> pd.DataFrame:
     "The side-by-side table: rank-1, rank-5, rank-10, mAP, mINP and training time of each run"
     cols = ['rank1', 'rank5', 'rank10', 'mAP', 'mINP', 'train_time_s']
-    return pd.DataFrame.from_dict({name: r.as_dict() for name,r in runs.items()}, orient='index')[cols].round(4)
+    rows = {**{name: r.as_dict() for name,r in runs.items()}, **(extra or {})}
+    return pd.DataFrame.from_dict(rows, orient='index').reindex(columns=cols).round(4)
+
+# %% ../nbs/06_experiment.ipynb #0467e8c8
+class EpochLosses(Callback):
+    "Record the mean (unsmoothed) training loss of every epoch in `losses`"
+    order,run_valid = 60,False
+    def before_fit(self):
+        if not in_validation(self.learn): self.losses = []
+    def before_epoch(self): self._sum,self._n = 0.,0
+    def after_batch(self):
+        if self.training: n = len(self.yb[0]) if self.yb else 1; self._sum += float(self.loss)*n; self._n += n
+    def after_epoch(self):
+        if not in_validation(self.learn) and self._n: self.losses.append(self._sum/self._n)
+
+def run_record(run:ReIDRun, # a finished run
+               losses:EpochLosses=None, # its per-epoch losses, if recorded
+              ) -> dict:
+    "A JSON-ready record of `run`: final metrics, metrics at each evaluation, per-epoch losses and block gradients"
+    return {**run.as_dict(), 'rollback_epochs': run.rollback_epochs,
+            'evals': {int(e): r.as_dict() for e,r in sorted(run.evals.items())},
+            'epoch_loss': list(losses.losses) if losses is not None else None,
+            'block_grads': {c: run.grads.df[c].tolist() for c in run.grads.df.columns},
+            'weight_change': block_weight_change(run.learn.model)}
+
+def block_weight_change(model) -> dict: # {block: relative change}, empty without a pre-trained state
+    "How far each block's weights moved from the pre-trained state: `||w - w0|| / ||w0||` over its parameters"
+    m = unwrap_model(model)
+    pre = getattr(m, 'pretrained_state', None) or {}
+    res = {}
+    for n,state in pre.items():
+        own = {k:v for k,v in block_state(m, n).items() if k in dict(_block_params(m, n))}
+        d = torch.sqrt(sum(((own[k].float() - state[k].float())**2).sum() for k in own))
+        res[n] = float(d / torch.sqrt(sum((state[k].float()**2).sum() for k in own)))
+    return res
+
+def _block_params(m, n):
+    "`(state key, parameter)` of block `n` (no buffers)"
+    return [(f'{p}.{k}', v) for p,mod in zip(m.blocks[n], block_modules(m, n)) for k,v in mod.named_parameters()]
+
+def plateau_epoch(losses, # the mean training loss of each epoch at a constant LR
+                  frac:float=0.1, # the plateau starts where the loss is within `frac` of its whole fall
+                 ) -> int: # epochs needed to reach the plateau
+    "Epochs until the training loss first comes within `frac` of its whole fall (first loss to lowest) of its lowest value"
+    l = np.asarray(losses, dtype=float)
+    if l.ndim != 1 or len(l) < 2: raise ValueError(f"losses: expected the losses of at least 2 epochs, got {losses!r}")
+    return int(np.argmax(l <= l.min() + frac*(l[0] - l.min()))) + 1
+
+# %% ../nbs/06_experiment.ipynb #724f9e6c
+decision_rule = ("Per setting, on mAP, paired by seed (d = rollback - other arm, one per seed, >= 3 seeds): rolling back is better than an arm "
+                 "when every d > 0 and mean(d) > max(2 sd(d), 0.01) (sd: sample standard deviation), worse when every d < 0 and "
+                 "mean(d) < -max(2 sd(d), 0.01), otherwise there is no clear difference. Rolling back wins a setting when it is better "
+                 "than both the baseline and the control; it loses when it is worse than the baseline; otherwise the setting shows no clear result.")
+
+def paired_difference(a, # one metric per seed, of rolling back
+                      b, # the same metric per seed, of the other arm
+                      min_effect:float=0.01, # smallest mean difference that counts
+                     ) -> dict:
+    "Paired differences `a - b`, their mean and sample standard deviation, and the verdict of the decision rule"
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.ndim != 1 or len(d) < 2: raise ValueError(f"expected one value per seed for at least 2 seeds, got {len(np.atleast_1d(d))}")
+    mean,sd = float(d.mean()),float(d.std(ddof=1))
+    bar = max(2*sd, min_effect)
+    verdict = 'better' if (d > 0).all() and mean > bar else 'worse' if (d < 0).all() and mean < -bar else 'no clear difference'
+    return {'diffs': d.tolist(), 'mean': mean, 'std': sd, 'verdict': verdict}
+
+def decide(arms:dict, # {arm: [metric per seed]} with 'rollback', 'baseline', 'control'
+          ) -> dict:
+    "The outcome of one setting under `decision_rule`, with the paired differences it rests on"
+    vs = {o: paired_difference(arms['rollback'], arms[o]) for o in ('baseline', 'control')}
+    if all(v['verdict'] == 'better' for v in vs.values()): outcome = 'rolling back wins'
+    elif vs['baseline']['verdict'] == 'worse': outcome = 'rolling back loses'
+    else: outcome = 'no clear result'
+    return {'outcome': outcome, 'vs': vs}
 
 # %% ../nbs/06_experiment.ipynb #0f795e5f
 def plot_losses(runs:dict, # {name: ReIDRun}
@@ -228,12 +364,13 @@ def save_report(runs:dict, # {name: ReIDRun}
                 out:str|Path, # folder for results.json, results.csv and the PNG plots
                 config:dict=None, # how the runs were made, stored in results.json
                 ranked:str='rollback', # run whose ranked results are drawn
+                extra:dict=None, # more rows of the table (no plots): {name: metrics dict}
                ) -> pd.DataFrame: # the results table
     "Write results.json, results.csv and the plots (loss, CMC, block gradients, ranked results) to `out`"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    table = results_table(runs)
+    table = results_table(runs, extra)
     atomic_write(out/'results.csv', lambda f: table.to_csv(f, index_label='run'))
-    doc = {'config': config or {}, 'runs': {n: {**r.as_dict(), 'rollback_epochs': r.rollback_epochs} for n,r in runs.items()}}
+    doc = {'config': config or {}, 'runs': {**{n: {**r.as_dict(), 'rollback_epochs': r.rollback_epochs} for n,r in runs.items()}, **(extra or {})}}
     atomic_write(out/'results.json', lambda f: f.write(json.dumps(doc, indent=2).encode()))
     def _save(fig, fname): fig.savefig(out/fname, dpi=90, bbox_inches='tight'); plt.close(fig)
     _save(plot_losses(runs).figure, 'loss.png')

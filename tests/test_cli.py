@@ -34,11 +34,24 @@ def check_report(out, runs):
     return doc
 
 def test_demo_quick(tmp_path):
-    p = cli('demo', '--out', tmp_path/'demo', '--quick')
+    "The quick demo: four rows (period1 read from the rolling-back run), the source backbone built into the cache given by the environment"
+    env = {**os.environ, 'FASTREID_ROLLBACK_CACHE': str(tmp_path/'cache')}
+    p = subprocess.run([sys.executable, '-W', 'ignore', '-m', 'fastreid_rollback.cli', 'demo', '--out', str(tmp_path/'demo'), '--quick'],
+                       capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    doc = check_report(tmp_path/'demo', ['baseline', 'rollback'])
-    assert doc['runs']['baseline']['rollback_epochs'] == [] and doc['runs']['rollback']['rollback_epochs'] == [1]
-    assert 'pre-training the backbone' in p.stdout and 'rank1' in p.stdout
+    out = tmp_path/'demo'
+    for f in ['results.json', 'results.csv', *plots]: assert (out/f).stat().st_size > 0, f
+    doc = json.loads((out/'results.json').read_text())
+    assert list(doc['runs']) == ['baseline', 'control', 'rollback', 'period1']
+    for r in doc['runs'].values():
+        for k in ['rank1', 'rank5', 'rank10', 'mAP', 'mINP']: assert 0 <= r[k] <= 1, (k, r)
+    runs = doc['runs']
+    assert runs['baseline']['rollback_epochs'] == [] and runs['rollback']['rollback_epochs'] == runs['control']['rollback_epochs'] == [1]
+    assert all(runs[a]['train_time_s'] > 0 for a in ('baseline', 'control', 'rollback'))
+    table = pd.read_csv(out/'results.csv', index_col='run')
+    assert list(table.index) == ['baseline', 'control', 'rollback', 'period1']
+    assert [f.suffix for f in (tmp_path/'cache').iterdir()] and sorted(f.suffix for f in (tmp_path/'cache').iterdir()) == ['.json', '.pth']
+    assert 'pre-training the backbone' in p.stdout and 'Zero-shot mAP' in p.stdout and 'period1' in p.stdout
 
 def train_args(data, out, backbone, *extra):
     return ['train', '--data', data, '--dataset', 'synthetic', '--arch', 'resnet18', '--periods', 2, '--epochs-per-period', 2,
