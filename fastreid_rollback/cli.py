@@ -224,7 +224,7 @@ def search_index(index:str=None, # an index file written by `index`
 
 # %% ../nbs/10_cli.ipynb #a800d1ee
 commands = {'demo': demo, 'train': train, 'eval': evaluate, 'export': export_model, 'index': index_images, 'search': search_index}
-_user_errors = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+_user_errors = (ValueError, OSError)  # bad arguments, and files that are missing, unreadable or unwritable (`OSError` names them)
 
 class _UsageError(ValueError): "A command line argparse refuses"
 

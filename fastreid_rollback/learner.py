@@ -280,6 +280,7 @@ def show_ranked(self:Learner, n_queries:int=4, # number of queries (rows)
                 figsize:tuple=None, # figure size (default from the grid)
                ):
     "Grid of queries and their `top_k` gallery images, bordered green (true match) or red (wrong)"
+    _check_int(n_queries, 'n_queries', 1); _check_int(top_k, 'top_k', 1)
     query,gallery = _query_gallery(self, query, gallery)
     qf,qp,qc = self.reid_features(query, flip=flip)
     gf,gp,gc = self.reid_features(gallery, flip=flip)

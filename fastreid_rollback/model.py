@@ -381,6 +381,8 @@ class ReIDLoss(Module):
                  normalize:bool=False, # triplet loss on L2-normalised features
                 ):
         if not (ce or triplet): raise ValueError("ReIDLoss needs ce=True or triplet=True")
+        if not 0 <= label_smoothing < 1: raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if margin is not None and not margin >= 0: raise ValueError(f"the triplet margin must be >= 0 (or None for the soft margin), got {margin!r}")
         store_attr()
 
     def forward(self, pred, targ):

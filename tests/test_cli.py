@@ -172,6 +172,8 @@ def test_ctrl_c_exits_130_then_resumes(tmp_path, backbone_file):
     (['demo', '--out', '{userdir}'], 'holds files no demo wrote'),
     (['demo', '--out', '{file}'], 'is a file'),
     (['demo', '--out', '{file}/sub'], 'is a file'),
+    (['train', '--data', '{broken}', '--dataset', 'market1501', '--arch', 'resnet18', '--pretrained', 'none', '--periods', '1',
+      '--epochs-per-period', '1', '--size', '32', '16', '--out', '{empty}'], '{bad}'),
     (['fly'], "unknown command 'fly'"),
     ([], 'no command'),
 ])
@@ -181,7 +183,9 @@ def test_errors(tmp_path, backbone_file, args, expected, monkeypatch, capsys):
     (tmp_path/'notes.txt').write_text('a text file\n')
     (tmp_path/'garbage.pth').write_bytes(bytes(range(256))*8)
     (tmp_path/'empty').mkdir(); (tmp_path/'mine').mkdir(); (tmp_path/'mine'/'results.csv').write_text('my results\n')
-    names = dict(syn=syn, bb=backbone_file, file=tmp_path/'notes.txt', garbage=tmp_path/'garbage.pth', empty=tmp_path/'empty', userdir=tmp_path/'mine')
+    broken = synthetic_reid(tmp_path/'broken', n_ids=8, n_cams=2, imgs_per_id_cam=1, n_distractors=1, n_junk=1)
+    bad = sorted((broken/'bounding_box_train').glob('*.jpg'))[0]; bad.write_bytes(b'not a jpeg')   # an unreadable image
+    names = dict(syn=syn, broken=broken, bad=bad, bb=backbone_file, file=tmp_path/'notes.txt', garbage=tmp_path/'garbage.pth', empty=tmp_path/'empty', userdir=tmp_path/'mine')
     monkeypatch.chdir(tmp_path)
     from fastreid_rollback.cli import main
     code, err = main([a.format(**names) for a in args]), capsys.readouterr().err

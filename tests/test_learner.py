@@ -304,3 +304,12 @@ def test_validation_leaves_callbacks_and_rng(dls, tmp_path):
         cb = RollbackCallback(n_periods=2)
         with quiet(): learn.fit(2, 0.01, cbs=cb)
         assert [e['epoch'] for e in cb.events] == [1]
+
+@pytest.mark.parametrize('kw, msg', [({'n_queries': 0}, 'n_queries'), ({'top_k': 0}, 'top_k'), ({'top_k': 2.5}, 'top_k')])
+def test_show_ranked_checks_its_counts(dls, kw, msg):
+    with pytest.raises(ValueError, match=msg): _learner(dls).show_ranked(**kw)
+
+@pytest.mark.parametrize('kw, msg', [({'label_smoothing': 1.}, 'label_smoothing'), ({'label_smoothing': -0.1}, 'label_smoothing'),
+                                     ({'loss': 'ce+triplet', 'triplet_margin': -0.3}, 'margin')])
+def test_loss_options_checked(dls, kw, msg):
+    with pytest.raises(ValueError, match=msg): reid_learner(dls, arch='resnet18', pretrained=False, **kw)
