@@ -18,6 +18,7 @@ from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.data import ImageBlock, get_grid
 from fastai.vision.augment import Resize, ResizeMethod, FlipItem, RandomErasing
 from .metrics import _check_int
+from .synthetic import _MARKET_DIRS  # the Market-1501 layout the readers read
 
 # %% auto #0
 __all__ = ['market1501', 'dukemtmc_reid', 'cuhk03_np', 'msmt17', 'ReIDImage', 'find_bad_images', 'reid_item_tfms',
@@ -25,8 +26,6 @@ __all__ = ['market1501', 'dukemtmc_reid', 'cuhk03_np', 'msmt17', 'ReIDImage', 'f
            'reid_dls']
 
 # %% ../nbs/02_data.ipynb #b6be5b97
-_MARKET_DIRS = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}
-
 def _find_root(path, names, markers, dataset:str) -> Path:
     "The folder among `path`, `path/names` and the sub-folders of `path` that holds all of `markers`"
     path = Path(path).expanduser()

@@ -13,7 +13,7 @@ from fastcore.basics import store_attr
 from fastai.torch_core import set_seed, rank_distrib, default_device
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from .metrics import ReIDResult, plot_cmc
+from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
 from .model import (unwrap_model, save_backbone, weights_cache_file, atomic_save, atomic_write, load_state_file, _check_keys,
@@ -268,9 +268,8 @@ def results_table(runs:dict, # {name: ReIDRun}
                   extra:dict=None, # more rows: {name: metrics dict}, e.g. a `period_end` evaluation's `as_dict()`
                  ) -> pd.DataFrame:
     "The side-by-side table: rank-1, rank-5, rank-10, mAP, mINP and training time of each run"
-    cols = ['rank1', 'rank5', 'rank10', 'mAP', 'mINP', 'train_time_s']
     rows = {**{name: r.as_dict() for name,r in runs.items()}, **(extra or {})}
-    return pd.DataFrame.from_dict(rows, orient='index').reindex(columns=cols).round(4)
+    return pd.DataFrame.from_dict(rows, orient='index').reindex(columns=[*reid_metric_names, 'train_time_s']).round(4)
 
 # %% ../nbs/06_experiment.ipynb #0467e8c8
 class EpochLosses(Callback):

@@ -20,12 +20,12 @@ import fastai.callback.all  # fastai's standard callbacks: progress table, `fit_
 import matplotlib.pyplot as plt
 from PIL import Image
 from .model import ReIDModel, create_reid_model, ReIDLoss, reid_splitter, unwrap_model
-from .metrics import reid_metrics, reid_dist, protocol_mask, _check_int
+from .metrics import reid_metrics, reid_dist, protocol_mask, reid_metric_names, _check_int
 from .retrieval import postprocessed_metrics, postprocess_names
 
 # %% auto #0
-__all__ = ['reid_metric_names', 'reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner',
-           'ReIDEvalCallback', 'show_framed_image']
+__all__ = ['reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner', 'ReIDEvalCallback',
+           'show_framed_image', 'reid_metric_names']
 
 # %% ../nbs/04_learner.ipynb #ef5c2b2b
 def reference_sgd(params, # parameter groups (from the splitter)
@@ -191,22 +191,23 @@ def _check_eval_options(kwargs:dict):
     reid_metrics(torch.eye(2), torch.eye(2), ids, ids, ids, ids+1, **opts)  # a 2 x 2 problem checks every other option
 
 # %% ../nbs/04_learner.ipynb #b3bcadd4
-reid_metric_names = ('rank1', 'rank5', 'rank10', 'mAP', 'mINP')
+_all_ = ['reid_metric_names']  # the columns `ReIDEvalCallback` records, defined in metrics
+_variant_metrics = ('rank1', 'mAP')  # of `reid_metric_names`, those recorded after AQE and re-ranking too
 
 class _ReIDMetric(ValueMetric):
     "A `ValueMetric` owned by `ReIDEvalCallback`"
 
 def _result_values(r):
     "The values of `reid_metric_names` in ReIDResult `r`"
-    return dict(rank1=r.rank(1), rank5=r.rank(5), rank10=r.rank(10), mAP=r.mAP, mINP=r.mINP)
+    return {n: r.metric(n) for n in reid_metric_names}
 
 def _variant_names(names):
-    "Columns for the results `names` of `postprocessed_metrics` after 'plain': the rank-1 and mAP of each, e.g. 'mAP (re-ranked)'"
-    return [f'{m} ({v})' for v in names[1:] for m in ('rank1', 'mAP')]
+    "Columns for the results `names` of `postprocessed_metrics` after 'plain': the `_variant_metrics` of each, e.g. 'mAP (re-ranked)'"
+    return [f'{m} ({v})' for v in names[1:] for m in _variant_metrics]
 
 def _variant_values(res):
     "The values of `_variant_names` in `res` ({name: ReIDResult})"
-    return dict(zip(_variant_names(list(res)), [x for r in list(res.values())[1:] for x in (r.rank(1), r.mAP)]))
+    return dict(zip(_variant_names(list(res)), [r.metric(m) for r in list(res.values())[1:] for m in _variant_metrics]))
 
 class ReIDEvalCallback(Callback):
     "Evaluates query against gallery every `every` epochs and records rank-1/5/10, mAP and mINP (and after AQE and re-ranking when asked)"

@@ -13,7 +13,7 @@ from torch import Tensor
 from fastcore.basics import store_attr
 
 # %% auto #0
-__all__ = ['protocol_mask', 'reid_dist', 'ReIDResult', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
+__all__ = ['reid_metric_names', 'protocol_mask', 'reid_dist', 'ReIDResult', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
 
 # %% ../nbs/00_metrics.ipynb #e88bf89a
 _dists, _protocols, _aps = ('cosine', 'euclidean'), ('market1501', 'cuhk03'), ('standard', 'trapezoid')
@@ -366,6 +366,10 @@ def _sampled_ranks(D, q0, qc, j, n, gal, seed):
     return torch.stack(out, 1)
 
 # %% ../nbs/00_metrics.ipynb #b39cd933
+reid_metric_names = ('rank1', 'rank5', 'rank10', 'mAP', 'mINP')  # the metrics an evaluation reports, in the order tables show them
+
+def _rank_k(name): return int(name[4:]) if name.startswith('rank') else 0  # k of a metric named 'rank<k>', 0 for the others
+
 class ReIDResult:
     "Retrieval metrics of a ReID evaluation: the CMC curve, mAP and mINP, and how many queries counted"
     def __init__(self,
@@ -387,11 +391,15 @@ class ReIDResult:
         if k > self.max_rank: raise ValueError(f"k must be <= {self.max_rank} (the max_rank of this result), got {k}")
         return float(self.cmc[min(k, len(self.cmc)) - 1])   # past the gallery's size the curve stays at its last value
 
+    def metric(self, name:str): # one of `reid_metric_names`
+        "The value of metric `name` as a Python float: 'rank<k>' is `rank(k)`, 'mAP' and 'mINP' the attributes"
+        if name not in reid_metric_names: raise ValueError(f"name={name!r}: expected one of {reid_metric_names}")
+        return self.rank(_rank_k(name)) if _rank_k(name) else float(getattr(self, name))
+
     def as_dict(self):
-        "The metrics as plain Python numbers (rank-1/5/10 up to `max_rank`), for logs and JSON"
-        ranks = {f'rank{k}': self.rank(k) for k in (1, 5, 10) if k <= self.max_rank}
-        return {'mAP': float(self.mAP), 'mINP': float(self.mINP), **ranks,
-                'n_valid': int(self.n_valid), 'n_skipped': int(self.n_skipped)}
+        "`reid_metric_names` as plain Python numbers (mAP and mINP, then the ranks up to `max_rank`) and the query counts, for logs and JSON"
+        names = sorted((n for n in reid_metric_names if _rank_k(n) <= self.max_rank), key=_rank_k)
+        return {**{n: self.metric(n) for n in names}, 'n_valid': int(self.n_valid), 'n_skipped': int(self.n_skipped)}
 
     def __repr__(self):
         d = self.as_dict()

@@ -20,7 +20,7 @@ from fastai.callback.schedule import ParamScheduler, SchedNo, combine_scheds, co
 from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 from .model import block_names, block_modules, block_state, load_block_state, reid_splitter, unwrap_model
-from .model import load_backbone_weights
+from .model import load_backbone_weights, _check_keys
 from .learner import in_validation
 
 # %% auto #0
@@ -96,12 +96,6 @@ def _group_owners(model, opt):
         res.append(names.pop())
     return res
 
-def _check_state(snap, model, name):
-    "Raise a `ValueError` if `snap` does not fit block `name` of `model`"
-    own = block_state(model, name)
-    bad = sorted(set(own) ^ set(snap)) or [k for k in own if own[k].shape != snap[k].shape]
-    if bad: raise ValueError(f"the pre-trained state of block {name!r} does not fit the model: keys {bad[:6]} differ (missing, unexpected or another shape)")
-
 # %% ../nbs/05_rollback.ipynb #5e58e873
 _scheds = ('step', 'one_cycle')
 
@@ -164,7 +158,7 @@ class RollbackCallback(Callback):
         missing = [n for n in names if n not in src]
         if missing: raise ValueError(f"the pre-trained state has no block(s) {missing}, which are rolled back; it has {list(src)}")
         snap = {n:{k:v.detach().cpu() for k,v in src[n].items()} for n in names}
-        for n in names: _check_state(snap[n], self.model, n)
+        for n in names: _check_keys(snap[n], block_state(self.model, n), f"the pre-trained state of block {n!r} does not fit the model")
         return snap
 
     def period_lrs(self, period:int):

@@ -173,6 +173,8 @@ def _render(idt:dict, cam:dict, rng:np.random.Generator, size:tuple, visible:boo
     return _shift_pixels(img, cam['shift'], rng) if 'shift' in cam else img
 
 # %% ../nbs/01_synthetic.ipynb #1f56c4a5
+_MARKET_DIRS = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}  # Market-1501's folder of each split, written here, read by the readers in `data`
+
 def _market_name(pid:int, cam:int, seq:int, frame:int, box:int) -> str:
     "Market-1501 file name of one box"
     return f"{'-1' if pid==-1 else f'{pid:04d}'}_c{cam}s{seq}_{frame:06d}_{box:02d}.jpg"
@@ -187,12 +189,12 @@ def _plan(n_ids, n_cams, imgs_per_id_cam, n_distractors, n_junk, seed, id_start,
     for j,p in enumerate(pids):
         qcam = cams[int(np.random.default_rng([seed, 4, p]).integers(n_cams))]
         for c in cams:
-            folder = 'bounding_box_train' if j < n_train else 'query' if c==qcam else 'bounding_box_test'
-            plan += [(folder, p, c, (p, c, i), 'person') for i in range(imgs_per_id_cam)]
+            split = 'train' if j < n_train else 'query' if c==qcam else 'gallery'
+            plan += [(_MARKET_DIRS[split], p, c, (p, c, i), 'person') for i in range(imgs_per_id_cam)]
     rng = np.random.default_rng([seed, 5])
-    plan += [('bounding_box_test', 0, cams[int(rng.integers(n_cams))], (i,), 'distractor') for i in range(n_distractors)]
+    plan += [(_MARKET_DIRS['gallery'], 0, cams[int(rng.integers(n_cams))], (i,), 'distractor') for i in range(n_distractors)]
     test_ids = pids[n_train:]
-    plan += [('bounding_box_test', -1, cams[int(rng.integers(n_cams))], (i, test_ids[int(rng.integers(len(test_ids)))]), 'junk')
+    plan += [(_MARKET_DIRS['gallery'], -1, cams[int(rng.integers(n_cams))], (i, test_ids[int(rng.integers(len(test_ids)))]), 'junk')
              for i in range(n_junk)]
     return plan
 
@@ -203,7 +205,7 @@ def _write_jpeg(img:Image.Image, fn:Path, quality:int):
 
 def _draw_dataset(root:Path, plan, seed, size, quality, shift=0.):
     "Write every image of `plan` under `root`"
-    for f in ('bounding_box_train', 'query', 'bounding_box_test'): (root/f).mkdir(parents=True)
+    for f in _MARKET_DIRS.values(): (root/f).mkdir(parents=True)
     cams,counts = {},{}
     for folder,pid,cam,key,kind in plan:
         if cam not in cams:
