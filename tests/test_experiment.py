@@ -4,6 +4,7 @@ import pytest, torch
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
 from fastreid_rollback.model import ReIDModel, save_backbone
+from fastreid_rollback.test_utils import make_pretrained
 from fastreid_rollback.experiment import (source_backbone, rollback_cache, train_arm, compare_rollback, arm_names, run_record,
                                           EpochLosses, paired_difference, decide, plateau_epoch, block_weight_change)
 
@@ -39,8 +40,7 @@ def test_source_backbone_cached(tmp_path, monkeypatch):
 def small(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('exp')
     root = synthetic_reid(tmp, n_ids=12, n_train_ids=4, n_cams=3, imgs_per_id_cam=2, n_distractors=2, n_junk=2, size=(64, 32), shift=0.5)
-    torch.manual_seed(0)
-    weights = save_backbone(ReIDModel('resnet18', n_ids=2), tmp/'resnet18.pth')
+    weights = make_pretrained(tmp/'resnet18.pth', bn_stats=False)
     return reid_dls(market1501(root), size=(64, 32), bs=8, seed=0), weights
 
 def test_arms(small):

@@ -7,57 +7,18 @@ from fastcore.basics import even_mults
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
 from fastai.callback.fp16 import MixedPrecision
-from fastai.data.core import DataLoaders
-from fastai.learner import Learner, CancelFitException
-from fastai.optimizer import SGD, OptimWrapper
-from fastreid_rollback.model import ReIDModel, save_backbone, block_state, block_modules, reid_splitter, unwrap_model
+from fastai.learner import Learner
+from fastai.optimizer import OptimWrapper
+from fastreid_rollback.model import ReIDModel, block_state, block_modules, unwrap_model
 from fastreid_rollback.rollback import *
+from fastreid_rollback.test_utils import make_pretrained, tiny_dls, tiny_learner, StopAfter, StateProbe, assert_states_eq
 
 torch.set_num_threads(1)  # the test machines are small and shared: OpenMP threads fighting for cores are much slower
 
 BLOCKS = ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
 
-def make_pretrained(fn, seed=0):
-    "Save a 'pre-trained' resnet18 backbone (random init, distinctive BN buffers) to `fn`"
-    torch.manual_seed(seed)
-    m = ReIDModel('resnet18', n_ids=4)
-    for mod in m.backbone.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.normal_(); mod.running_var.uniform_(0.5, 2.); mod.num_batches_tracked.fill_(7 + seed)
-    return save_backbone(m, fn)
-
-def make_dls(n=16, bs=8, size=(32, 16), n_ids=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    items = [(torch.randn(3, *size, generator=g), torch.tensor(i % n_ids)) for i in range(n)]
-    return DataLoaders.from_dsets(items, items[:bs], bs=bs, num_workers=0, device='cpu')
-
-def make_learner(fn, path, seed=0, data_seed=0, opt_func=partial(SGD, mom=0.9), wrap=None, **kwargs):
-    "A real fastai Learner on a resnet18 ReIDModel built with `pretrained=fn`"
-    torch.manual_seed(seed)
-    model = ReIDModel('resnet18', n_ids=4, pretrained=fn)
-    if wrap is not None: model = wrap(model)
-    learn = Learner(make_dls(seed=data_seed), model, loss_func=nn.CrossEntropyLoss(), splitter=reid_splitter,
-                    opt_func=opt_func, wd=5e-4, lr=0.01, path=path, **kwargs)
-    learn.logger = lambda *a, **k: None
-    return learn
-
 @pytest.fixture(scope='module')
 def pre_fn(tmp_path_factory): return make_pretrained(tmp_path_factory.mktemp('pre')/'pretrained.pth')
-
-class Probe(Callback):
-    "Record block states, head state and optimizer state at `before_train`; its `order` puts it before/after the roll-back"
-    def __init__(self, order): self.order,self.states = order,{}
-    def before_train(self):
-        m = unwrap_model(self.model)
-        ps = list(self.opt.all_params().itemgot(0))
-        self.states[self.epoch] = dict(blocks={n:block_state(m, n) for n in m.block_names},
-                                       head={k:v.detach().clone() for k,v in m.head.state_dict().items()},
-                                       opt={id(p):{k:(v.clone() if torch.is_tensor(v) else v) for k,v in self.opt.state.get(p, {}).items()} for p in ps},
-                                       hypers=[dict(h) for h in self.opt.hypers], params=[id(p) for p in ps])
-
-def assert_states_eq(a, b, what=''):
-    assert sorted(a) == sorted(b), what
-    for k in a: assert torch.equal(a[k], b[k]), f'{what} {k}'
 
 def fit(learn, *args, **kwargs):
     with warnings.catch_warnings(), learn.no_bar():
@@ -65,7 +26,7 @@ def fit(learn, *args, **kwargs):
         learn.fit(*args, **kwargs)
 
 def probe_fit(learn, n, lr=0.01, **cb_kwargs):
-    cb,pre,post = RollbackCallback(**cb_kwargs), Probe(RollbackCallback.order-1), Probe(RollbackCallback.order+1)
+    cb,pre,post = RollbackCallback(**cb_kwargs), StateProbe(RollbackCallback.order-1), StateProbe(RollbackCallback.order+1)
     fit(learn, n, lr, cbs=[cb, pre, post])
     return cb,pre,post
 
@@ -82,7 +43,7 @@ def check_rollback(learn, cb, pre, post, epoch, rolled, kept):
     assert any(ev['epoch'] == epoch and ev['rolled_back'] == rolled and ev['kept'] == kept for ev in cb.events)
 
 def test_rollback_exact_and_fresh_opt(pre_fn, tmp_path):
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     cb,pre,post = probe_fit(learn, 6, n_periods=3)
     check_rollback(learn, cb, pre, post, 2, BLOCKS[1:], ['stem'])
     check_rollback(learn, cb, pre, post, 4, BLOCKS[2:], ['stem', 'layer1'])
@@ -101,7 +62,7 @@ def test_rollback_exact_and_fresh_opt(pre_fn, tmp_path):
 
 def test_fresh_opt_wrapper(pre_fn, tmp_path):
     "A torch optimizer in an `OptimWrapper` is also rebuilt empty with its hyper-parameters"
-    learn = make_learner(pre_fn, tmp_path, opt_func=partial(OptimWrapper, opt=partial(torch.optim.SGD, momentum=0.9, nesterov=True)))
+    learn = tiny_learner(pre_fn, tmp_path, opt_func=partial(OptimWrapper, opt=partial(torch.optim.SGD, momentum=0.9, nesterov=True)))
     cb,pre,post = probe_fit(learn, 4, n_periods=2)
     check_rollback(learn, cb, pre, post, 2, BLOCKS[1:], ['stem'])
     assert len(learn.opt.opt.state) > 0
@@ -119,10 +80,10 @@ class OptProbe(Callback):
 def test_partial_reset(pre_fn, tmp_path, wrapped):
     "reset_opt='rolled_back' forgets only the rolled-back parameters' momentum; False keeps everything"
     kw = dict(opt_func=partial(OptimWrapper, opt=partial(torch.optim.SGD, momentum=0.9))) if wrapped else {}
-    learn = make_learner(pre_fn, tmp_path, **kw)
+    learn = tiny_learner(pre_fn, tmp_path, **kw)
     m = learn.model
     rolled = {id(p) for n in BLOCKS[1:] for mod in block_modules(m, n) for p in mod.parameters()}
-    pre,post = (OptProbe if wrapped else Probe)(RollbackCallback.order-1), (OptProbe if wrapped else Probe)(RollbackCallback.order+1)
+    pre,post = (OptProbe if wrapped else StateProbe)(RollbackCallback.order-1), (OptProbe if wrapped else StateProbe)(RollbackCallback.order+1)
     fit(learn, 4, 0.01, cbs=[RollbackCallback(n_periods=2, reset_opt='rolled_back'), pre, post])
     b,a = pre.states[2],post.states[2]
     if not wrapped: b,a = b['opt'],a['opt']
@@ -133,8 +94,8 @@ def test_partial_reset(pre_fn, tmp_path, wrapped):
     for i in kept: assert torch.equal(a[i][key], b[i][key])
     if not wrapped:
         assert all(a[i] == {k:v for k,v in b[i].items() if k in ('do_wd', 'force_train')} for i in rolled)
-        learn = make_learner(pre_fn, tmp_path)
-        pre,post = Probe(RollbackCallback.order-1), Probe(RollbackCallback.order+1)
+        learn = tiny_learner(pre_fn, tmp_path)
+        pre,post = StateProbe(RollbackCallback.order-1), StateProbe(RollbackCallback.order+1)
         fit(learn, 4, 0.01, cbs=[RollbackCallback(n_periods=2, reset_opt=False), pre, post])
         for i,s in pre.states[2]['opt'].items(): assert torch.equal(post.states[2]['opt'][i]['grad_avg'], s['grad_avg'])
 
@@ -144,7 +105,7 @@ def first_lrs(cb):
     return df[BLOCKS+['head']].values
 
 def test_lrs_step(pre_fn, tmp_path):
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     cb = RollbackCallback(n_periods=3)
     fit(learn, 6, 0.01, cbs=cb)
     got = first_lrs(cb)
@@ -157,7 +118,7 @@ def test_lrs_step(pre_fn, tmp_path):
     assert [e['epoch'] for e in cb.events] == [2, 4]
 
 def test_lrs_step_odd_period_and_slice(pre_fn, tmp_path):
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     cb = RollbackCallback(n_periods=2, kept_lr_mult=0.5, head_lr_mult=3.)
     fit(learn, 6, slice(1e-4, 1e-2), cbs=cb)
     base = np.array(even_mults(1e-4, 1e-2, 6))
@@ -166,8 +127,8 @@ def test_lrs_step_odd_period_and_slice(pre_fn, tmp_path):
 
 def test_step_mid_period_iterations(pre_fn, tmp_path):
     "'step' divides the LRs by 10 at half of the period's batches: inside the only epoch of a one-epoch period, inside the middle epoch of an odd one"
-    learn = make_learner(pre_fn, tmp_path, data_seed=0)
-    learn.dls = make_dls(n=32, bs=8)                       # 4 batches per epoch
+    learn = tiny_learner(pre_fn, tmp_path, data_seed=0)
+    learn.dls = tiny_dls(tmp_path, n_train=32)             # 4 batches per epoch
     cb = RollbackCallback(n_periods=2)
     fit(learn, 2, 0.01, cbs=cb)                            # 2 periods of 1 epoch
     lrs = cb.lr_df[BLOCKS+['head']].values
@@ -180,7 +141,7 @@ def test_step_mid_period_iterations(pre_fn, tmp_path):
     assert list(cb.lr_df.epoch[5:7]) == [1, 1]             # in the middle of epoch 1
 
 def test_lrs_one_cycle(pre_fn, tmp_path):
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     cb = RollbackCallback(n_periods=2, sched='one_cycle', moms=(0.95, 0.85, 0.95))
     fit(learn, 4, 0.02, cbs=cb)
     df = cb.lr_df
@@ -196,7 +157,7 @@ def test_lrs_one_cycle(pre_fn, tmp_path):
 
 def test_custom_sched(pre_fn, tmp_path):
     from fastai.callback.schedule import SchedLin
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     cb = RollbackCallback(n_periods=2, sched=lambda lrs: SchedLin(lrs, lrs/2))
     fit(learn, 2, 0.01, cbs=cb)
     np.testing.assert_allclose(first_lrs(cb), [[.01]*5+[.1], [.001]+[.01]*5], rtol=1e-12)
@@ -205,7 +166,7 @@ def test_control_restores_nothing(pre_fn, tmp_path):
     "restore=False: the same schedule, LRs, events and optimizer resets as rolling back, but the weights run on across the boundary"
     runs = {}
     for restore in (True, False):
-        learn = make_learner(pre_fn, tmp_path)
+        learn = tiny_learner(pre_fn, tmp_path)
         cb,pre,post = probe_fit(learn, 6, n_periods=3, restore=restore)
         runs[restore] = (learn, cb, pre, post)
     learn,cb,pre,post = runs[False]
@@ -221,30 +182,23 @@ def test_control_restores_nothing(pre_fn, tmp_path):
     assert cb.lr_df.equals(ref.lr_df)
     check_rollback(runs[True][0], ref, runs[True][2], runs[True][3], 2, BLOCKS[1:], ['stem'])
     # the control needs no pre-trained state
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     learn.model.pretrained_state = None
     fit(learn, 2, 0.01, cbs=RollbackCallback(n_periods=2, restore=False))
-
-class StopAfter(Callback):
-    "Interrupt the fit after epoch `k` (k epochs done)"
-    order = 100
-    def __init__(self, k): self.k = k
-    def after_epoch(self):
-        if self.epoch+1 == self.k: raise CancelFitException()
 
 @pytest.fixture(scope='module')
 def reference_run(pre_fn, tmp_path_factory):
     "Final weights of the uninterrupted run: 2 periods of 2 epochs, each epoch seeded"
-    ref = make_learner(pre_fn, tmp_path_factory.mktemp('ref'))
+    ref = tiny_learner(pre_fn, tmp_path_factory.mktemp('ref'))
     fit(ref, 4, 0.01, cbs=[RollbackCallback(n_periods=2), SeedEachEpoch(42)])
     return ref.model.state_dict()
 
 def interrupted(pre_fn, path, k):
     "A fresh learner loaded with the checkpoint of a run interrupted after epoch `k`"
-    run = make_learner(pre_fn, path)
+    run = tiny_learner(pre_fn, path)
     fit(run, 4, 0.01, cbs=[RollbackCallback(n_periods=2), SeedEachEpoch(42), StopAfter(k)])
     run.save(f'ck{k}')
-    res = make_learner(pre_fn, path, seed=1)  # a fresh learner: another head init, same pre-trained file
+    res = tiny_learner(pre_fn, path, seed=1)  # a fresh learner: another head init, same pre-trained file
     res.load(f'ck{k}')
     return res
 
@@ -252,7 +206,7 @@ def interrupted(pre_fn, path, k):
 def test_resume_bitwise(pre_fn, tmp_path, reference_run, k):
     "Interrupt after epoch k, save, rebuild, load, resume with start_epoch=k: same weights as an uninterrupted run"
     res = interrupted(pre_fn, tmp_path, k)
-    cb,post = RollbackCallback(n_periods=2), Probe(RollbackCallback.order+1)
+    cb,post = RollbackCallback(n_periods=2), StateProbe(RollbackCallback.order+1)
     fit(res, 4, 0.01, cbs=[cb, SeedEachEpoch(42), post], start_epoch=k)
     sd = res.model.state_dict()
     for key in reference_run: assert torch.equal(reference_run[key], sd[key]), key
@@ -269,7 +223,7 @@ def test_resume_needs_pretrained_snapshot(pre_fn, tmp_path, reference_run):
 
 def test_seed_each_epoch(pre_fn, tmp_path):
     "Two runs with the same seed agree bitwise, another seed differs"
-    a,b,c = [make_learner(pre_fn, tmp_path, seed=s) for s in (0, 0, 0)]
+    a,b,c = [tiny_learner(pre_fn, tmp_path, seed=s) for s in (0, 0, 0)]
     for l,s in ((a, 3), (b, 3), (c, 4)): fit(l, 2, 0.01, cbs=[RollbackCallback(n_periods=2), SeedEachEpoch(s)])
     va,vb,vc = [torch.cat([p.flatten() for p in l.model.parameters()]) for l in (a, b, c)]
     assert torch.equal(va, vb) and not torch.equal(va, vc)
@@ -288,7 +242,7 @@ def test_seed_each_epoch_under_distributed_dl(pre_fn, tmp_path):
         "fastai's `DistributedDL` on one rank without a process group (its broadcast needs CUDA and NCCL)"
         def _broadcast(self, t, rank): return list(t)
     def seen(start_epoch):
-        learn = make_learner(pre_fn, tmp_path)
+        learn = tiny_learner(pre_fn, tmp_path)
         learn.dls.loaders[0] = OneRankDistributedDL(learn.dls.train, rank=0, world_size=1)
         rec = TrainBatches()
         fit(learn, 3, 0.01, cbs=[SeedEachEpoch(5), rec], start_epoch=start_epoch)
@@ -300,7 +254,7 @@ def test_seed_each_epoch_under_distributed_dl(pre_fn, tmp_path):
 def test_wrapped_syncbn_dataparallel(pre_fn, tmp_path):
     "BatchNorms converted to SyncBatchNorm, model in DataParallel (CPU, no process group): exact roll-back"
     wrap = lambda m: nn.DataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(m))
-    learn = make_learner(pre_fn, tmp_path, wrap=wrap)
+    learn = tiny_learner(pre_fn, tmp_path, wrap=wrap)
     assert any(isinstance(mod, nn.SyncBatchNorm) for mod in learn.model.modules())
     cb,pre,post = probe_fit(learn, 4, n_periods=2)
     check_rollback(learn, cb, pre, post, 2, BLOCKS[1:], ['stem'])
@@ -308,9 +262,9 @@ def test_wrapped_syncbn_dataparallel(pre_fn, tmp_path):
 
 def test_fp16(pre_fn, tmp_path):
     "Under `learn.to_fp16()` (on a CPU machine fastai's AMP is disabled with a warning) the roll-back stays exact"
-    learn = make_learner(pre_fn, tmp_path).to_fp16()
+    learn = tiny_learner(pre_fn, tmp_path).to_fp16()
     gs = BlockGradStats()
-    cb,pre,post = RollbackCallback(n_periods=2), Probe(RollbackCallback.order-1), Probe(RollbackCallback.order+1)
+    cb,pre,post = RollbackCallback(n_periods=2), StateProbe(RollbackCallback.order-1), StateProbe(RollbackCallback.order+1)
     fit(learn, 4, 0.01, cbs=[cb, pre, post, gs])
     check_rollback(learn, cb, pre, post, 2, BLOCKS[1:], ['stem'])
     assert gs.df.shape == (4, 6) and np.isfinite(gs.df.values).all() and (gs.df.values > 0).all()
@@ -325,7 +279,7 @@ def test_block_grad_stats_unscaled(pre_fn, tmp_path):
     "Under MixedPrecision with a real loss scale of 2**10, BlockGradStats reads the unscaled gradients"
     res = []
     for extra in ([], [CPUScaler()]):
-        learn = make_learner(pre_fn, tmp_path)
+        learn = tiny_learner(pre_fn, tmp_path)
         if extra: learn.to_fp16()
         gs = BlockGradStats()
         fit(learn, 2, 0.01, cbs=[RollbackCallback(n_periods=2), SeedEachEpoch(0), gs] + extra)
@@ -346,7 +300,7 @@ class GradProbe(Callback):
         self.rows.setdefault(self.epoch, []).append(v)
 
 def test_block_grad_stats(pre_fn, tmp_path):
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     gs,gp = BlockGradStats(), GradProbe()
     fit(learn, 4, 0.01, cbs=[RollbackCallback(n_periods=2), gs, gp])
     exp = np.array([np.mean(gp.rows[e], axis=0) for e in range(4)])
@@ -363,7 +317,7 @@ def test_pretrained_state_given(pre_fn, tmp_path):
     other = make_pretrained(tmp_path/'other.pth', seed=1)
     m1 = ReIDModel('resnet18', n_ids=4, pretrained=other)
     torch.save(m1.pretrained_state, tmp_path/'blocks.pth')
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     cb,pre,post = probe_fit(learn, 2, n_periods=2, pretrained_state=other)
     for n in BLOCKS[1:]: assert_states_eq(post.states[1]['blocks'][n], m1.pretrained_state[n], n)
     for src in (m1.pretrained_state, tmp_path/'blocks.pth', str(other)):
@@ -376,8 +330,8 @@ def test_pretrained_state_given(pre_fn, tmp_path):
         assert all(v.device.type == 'cpu' for s in cb.snapshot.values() for v in s.values())
 
 def test_fit_rollback(pre_fn, tmp_path):
-    learn = make_learner(pre_fn, tmp_path)
-    pre,post = Probe(RollbackCallback.order-1), Probe(RollbackCallback.order+1)
+    learn = tiny_learner(pre_fn, tmp_path)
+    pre,post = StateProbe(RollbackCallback.order-1), StateProbe(RollbackCallback.order+1)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit_rollback(1, n_periods=3, keep=[['stem', 'layer1'], ['stem', 'layer1', 'layer2', 'layer3']], cbs=[pre, post])
@@ -397,7 +351,7 @@ def bad_fit(learn, exc, msg, n=4, **kw):
     assert all(torch.equal(v, learn.model.state_dict()[k]) for k,v in sd.items())
 
 def test_misuse(pre_fn, tmp_path):
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     bad_fit(learn, ValueError, "block 'conv9'", cbs=RollbackCallback(keep=[['stem'], ['conv9'], ['stem']]))
     bad_fit(learn, ValueError, 'more periods than the 3 epochs', n=3, cbs=RollbackCallback())
     bad_fit(learn, ValueError, 'cannot be split evenly', n=6, cbs=RollbackCallback())
@@ -411,13 +365,13 @@ def test_misuse(pre_fn, tmp_path):
     bad_fit(learn, ValueError, "block 'layer3' does not fit", cbs=RollbackCallback(pretrained_state=wrong))
     learn.model.pretrained_state = None
     bad_fit(learn, ValueError, 'no pre-trained state', cbs=RollbackCallback())
-    plain = make_learner(pre_fn, tmp_path)
+    plain = tiny_learner(pre_fn, tmp_path)
     plain.splitter = lambda m: [list(m.parameters())]
     plain.opt = None
     bad_fit(plain, ValueError, 'splitter=reid_splitter', cbs=RollbackCallback())
-    nob = Learner(make_dls(), nn.Sequential(nn.Flatten(), nn.Linear(3*32*16, 4)), loss_func=nn.CrossEntropyLoss())
+    nob = Learner(tiny_dls(tmp_path), nn.Sequential(nn.Flatten(), nn.Linear(3*32*16, 4)), loss_func=nn.CrossEntropyLoss())
     bad_fit(nob, ValueError, 'expected a ReIDModel', cbs=RollbackCallback())
-    bad_fit(make_learner(pre_fn, tmp_path), ValueError, 'at most 5 periods', n=6, cbs=RollbackCallback(n_periods=6))
+    bad_fit(tiny_learner(pre_fn, tmp_path), ValueError, 'at most 5 periods', n=6, cbs=RollbackCallback(n_periods=6))
     for kw,msg in [(dict(keep=[['stem']]), 'keep has 1 entries'), (dict(sched='cos'), 'sched='),
                    (dict(reset_opt='all'), 'reset_opt='), (dict(n_periods=0), 'n_periods='),
                    (dict(epochs_per_period=0), 'epochs_per_period=')]:
@@ -426,10 +380,9 @@ def test_misuse(pre_fn, tmp_path):
 def test_reid_learner_integration(pre_fn, tmp_path):
     "With the package's `reid_learner` (reference SGD in an `OptimWrapper`, ReIDLoss, metrics): fit_rollback runs and resets torch SGD"
     from fastreid_rollback.learner import reid_learner
-    dls = make_dls()
-    dls.n_ids = 4
+    dls = tiny_dls(tmp_path)
     learn = reid_learner(dls, arch='resnet18', pretrained=pre_fn, path=tmp_path)
-    pre,post = Probe(RollbackCallback.order-1), Probe(RollbackCallback.order+1)
+    pre,post = StateProbe(RollbackCallback.order-1), StateProbe(RollbackCallback.order+1)
     with warnings.catch_warnings(), learn.no_bar(), learn.no_logging():
         warnings.simplefilter('ignore')
         learn.fit_rollback(1, n_periods=2, cbs=[pre, post])
@@ -450,11 +403,11 @@ class PredsEachEpoch(Callback):
 
 def test_validation_inside_and_after_fit(pre_fn, tmp_path):
     "get_preds during the fit and validate after it, with the callbacks attached to the Learner, change nothing"
-    learn = make_learner(pre_fn, tmp_path)
+    learn = tiny_learner(pre_fn, tmp_path)
     cb,gs = RollbackCallback(n_periods=2),BlockGradStats()
     learn.add_cbs([cb, gs, SeedEachEpoch(0)])
     fit(learn, 2, 0.01, cbs=PredsEachEpoch())
-    ref = make_learner(pre_fn, tmp_path)
+    ref = tiny_learner(pre_fn, tmp_path)
     fit(ref, 2, 0.01, cbs=[RollbackCallback(n_periods=2), BlockGradStats(), SeedEachEpoch(0)])
     assert all(torch.equal(v, ref.model.state_dict()[k]) for k,v in learn.model.state_dict().items())
     assert [e['epoch'] for e in cb.events] == [1] and gs.df.shape == (2, 6) and len(cb.hist) == 2*len(learn.dls.train)
