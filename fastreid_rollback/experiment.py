@@ -259,10 +259,13 @@ def compare_rollback(dls, # `reid_dls` DataLoaders (with query and gallery)
                      n_periods:int=4, # periods of the rolling-back run
                      epochs_per_period:int=40, # epochs per period; the baseline trains n_periods*epochs_per_period
                      arms:tuple=('baseline', 'rollback'), # which of `arm_names` to train
+                     out:str|Path=None, # folder for the checkpoints: each arm writes its own, `out/arm/checkpoints`
                      **kwargs, # passed to `train_reid` (arch, pretrained, lr, seed, ...)
                     ) -> dict: # {arm: ReIDRun}
     "Train the one-period baseline and the rolling-back schedule (and the control) for the same total epochs"
-    return {a: train_arm(dls, a, n_periods, epochs_per_period, **kwargs) for a in arms}
+    bad = [a for a in arms if a not in arm_names]
+    if bad or not arms: raise ValueError(f"arms must be some of {arm_names}, got {arms!r}")
+    return {a: train_arm(dls, a, n_periods, epochs_per_period, out=None if out is None else Path(out)/a, **kwargs) for a in arms}
 
 def results_table(runs:dict, # {name: ReIDRun}
                   extra:dict=None, # more rows: {name: metrics dict}, e.g. a `period_end` evaluation's `as_dict()`

@@ -5,7 +5,7 @@ from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
 from fastreid_rollback.model import ReIDModel, save_backbone
 from fastreid_rollback.test_utils import make_pretrained
-from fastreid_rollback.experiment import (source_backbone, rollback_cache, train_arm, compare_rollback, arm_names, run_record,
+from fastreid_rollback.experiment import (read_checkpoint, source_backbone, rollback_cache, train_arm, compare_rollback, arm_names, run_record,
                                           EpochLosses, paired_difference, decide, plateau_epoch, block_weight_change)
 
 torch.set_num_threads(1)
@@ -60,6 +60,15 @@ def test_arms(small):
     assert all(v > 0 for a in arm_names for v in rec[a]['weight_change'].values())   # every block trained, from the pre-trained weights
     with pytest.raises(ValueError, match='arm='): train_arm(dls, 'finetune')
     with pytest.raises(ValueError, match='period 3'): runs['rollback'].period_end(3)
+
+def test_compare_rollback_arms_keep_their_checkpoints(small, tmp_path):
+    "With `out`, each arm checkpoints into its own folder: no arm resumes or overwrites another's"
+    dls, weights = small
+    runs = quiet(compare_rollback, dls, n_periods=2, epochs_per_period=1, arms=('baseline', 'rollback'), arch='resnet18', pretrained=weights, out=tmp_path)
+    metas = {a: read_checkpoint(tmp_path/a/'checkpoints'/'last.pth')['meta'] for a in runs}
+    assert {a: (m['n_periods'], m['epochs_per_period']) for a, m in metas.items()} == {'baseline': (1, 2), 'rollback': (2, 1)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['baseline', 'rollback']
+    with pytest.raises(ValueError, match='finetune'): compare_rollback(dls, arms=('baseline', 'finetune'))
 
 def test_block_weight_change(tmp_path):
     m = ReIDModel('resnet18', n_ids=2, pretrained=save_backbone(ReIDModel('resnet18', n_ids=2), tmp_path/'b.pth'))
