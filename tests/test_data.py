@@ -496,14 +496,3 @@ def test_msmt_odd_lines_named(lines):
         try: msmt17(root)
         except ValueError as e: assert 'list_gallery.txt' in str(e) and re.search(r'line \d+', str(e))
         except FileNotFoundError as e: assert 'list_gallery.txt' in str(e)
-
-
-def test_unreadable_image_named(small, tmp_path):
-    "A corrupt file among the images: a ValueError naming it when a batch reads it, not PIL's nameless OSError"
-    df = small.copy()
-    bad = tmp_path/'0001_c1s1_000001_00.jpg'
-    bad.write_bytes(b'not a jpeg')
-    df.loc[df.index[0], 'path'] = str(bad)
-    dls = reid_dls(df, size=(64, 32), bs=4, seed=0)
-    with pytest.raises(ValueError, match=re.escape(str(bad))):
-        for _ in dls.train: pass
