@@ -69,6 +69,7 @@ def run_task(task):
     "One training run in a worker process: ('probe'|arm, setting, seed) -> its record"
     _quiet()
     from fastreid_rollback.experiment import train_arm, train_reid, run_record, EpochLosses
+    from fastreid_rollback.test_utils import StopAfter
     kind, setting, seed, cfg, root, pretrained, period = task
     dls, losses = _dls(root, cfg, seed), EpochLosses()
     kw = dict(arch=cfg['arch'], pretrained=pretrained, lr=cfg['lr'], seed=seed)
@@ -76,20 +77,11 @@ def run_task(task):
     with open(os.devnull, 'w') as null, _redirect(null):
         if kind == 'probe':   # the baseline's schedule, stopped at the end of its high-LR half
             n = cfg['probe_epochs']
-            run = train_reid(dls, n_periods=1, epochs_per_period=2*n, eval_every=n, name='probe', cbs=[losses, _StopAfter(n)], **kw)
+            run = train_reid(dls, n_periods=1, epochs_per_period=2*n, eval_every=n, name='probe', cbs=[losses, StopAfter(n)], **kw)
         else:   # the baseline is evaluated at its end only; the two schedules at every period end
             if kind == 'baseline': kw['eval_every'] = cfg['n_periods']*period
             run = train_arm(dls, kind, n_periods=cfg['n_periods'], epochs_per_period=period, cbs=[losses], **kw)
     return (kind, setting, seed), {**run_record(run, losses), 'wall_s': round(time.perf_counter()-t0, 1), 'cpu_s': round(time.process_time()-c0, 1)}
-
-def _StopAfter(n):
-    "A callback that ends the fit after `n` epochs"
-    from fastai.callback.core import Callback, CancelFitException
-    class StopAfter(Callback):
-        order = 100
-        def after_epoch(self):
-            if self.epoch+1 == n: raise CancelFitException()
-    return StopAfter()
 
 class _redirect:
     "Send stdout to `f` (fastai's progress output) inside a worker"
