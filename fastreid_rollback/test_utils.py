@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['ref_query', 'ref_metrics', 'rand_ids', 'random_problems', 'agrees_with_reference', 'same_result', 'make_pretrained',
-           'tiny_dls', 'tiny_learner', 'StopAfter', 'StateProbe', 'assert_states_eq']
+__all__ = ['ref_query', 'ref_metrics', 'rand_ids', 'random_problems', 'agrees_with_reference', 'same_result', 'fails_with',
+           'make_pretrained', 'tiny_dls', 'tiny_learner', 'StopAfter', 'StateProbe', 'assert_states_eq']
 
 # %% ../nbs/97_test_utils.ipynb #d4723183
 def ref_query(d, # one query's distances to the gallery
@@ -84,6 +84,18 @@ def same_result(a, b, # two `ReIDResult`s
     "Whether `a` and `b` have the same CMC and counts, and mAP and mINP within `tol`"
     return (torch.equal(a.cmc, b.cmc) and abs(a.mAP - b.mAP) <= tol and abs(a.mINP - b.mINP) <= tol
             and (a.n_valid, a.n_skipped) == (b.n_valid, b.n_skipped))
+
+# %% ../nbs/97_test_utils.ipynb #630b25df
+def fails_with(f, # called with no arguments
+               contains:str, # text the error message must contain
+               exc:type=ValueError, # the exception type `f` must raise
+              ):
+    "Check that `f()` raises `exc` with `contains` in its message"
+    try: f()
+    except exc as e:
+        if contains not in str(e): raise AssertionError(f"expected {contains!r} in the message, got {str(e)!r}") from e
+        return
+    raise AssertionError(f"no {exc.__name__} raised: expected one saying {contains!r}")
 
 # %% ../nbs/97_test_utils.ipynb #22708293
 from functools import partial

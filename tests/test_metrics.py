@@ -5,19 +5,9 @@ import numpy as np
 import pytest
 import torch
 from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, ReIDResult, plot_cmc, protocol_mask
-from fastreid_rollback.test_utils import ref_query, ref_metrics, rand_ids, random_problems, agrees_with_reference, same_result
+from fastreid_rollback.test_utils import fails_with, ref_query, ref_metrics, rand_ids, random_problems, agrees_with_reference, same_result
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "The problems here are tiny: on a busy machine, threads only add waiting"
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-def test_fail(f, contains):
-    "`f()` raises a ValueError whose message contains `contains`"
-    with pytest.raises(ValueError, match=re.escape(contains)): f()
-test_fail.__test__ = False
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 def run_ok(f, *args, **kw):
     "The result of `f`, or None when every query is skipped (checked against the reference by the caller)"
@@ -153,7 +143,7 @@ def test_threads_do_not_change_the_result():
     torch.set_num_threads(2)
     try:
         for a, b in zip(base, runs()): assert same_result(a, b)
-        test_fail(lambda: reid_metrics_from_dist(bad, *ids, chunk_size=16), contains='distmat')
+        fails_with(lambda: reid_metrics_from_dist(bad, *ids, chunk_size=16), contains='distmat')
         assert torch.get_num_threads() == 2
     finally: torch.set_num_threads(1)
 
@@ -195,7 +185,7 @@ def test_skipped_queries_and_max_rank_clamped():
     assert (r.n_valid, r.n_skipped) == (1, 2)
     assert r.cmc.tolist() == [0., 1., 1.]                              # the curve stops at the gallery size
     assert r.mAP == .5 and r.mINP == .5 and r.rank(10) == 1. and r.as_dict()['rank10'] == 1.
-    test_fail(lambda: r.rank(11), contains='max_rank')
+    fails_with(lambda: r.rank(11), contains='max_rank')
 
 def test_junk_removed_and_distractors_negative():
     D = torch.tensor([[.1, .2, .3]])
@@ -203,9 +193,9 @@ def test_junk_removed_and_distractors_negative():
     assert r.cmc.tolist() == [0., 1., 1.]                # junk (col 0) gone, distractor (col 1) ranks first
 
 def test_all_skipped_is_an_error():
-    test_fail(lambda: reid_metrics_from_dist(torch.rand(2, 3), [5, 6], [1, 2, 3], [0, 0], [1, 1, 1]), contains='skipped')
-    test_fail(lambda: reid_metrics_from_dist(torch.rand(2, 3), [1, 2], [1, 2, 3], [0, 0], [0, 0, 0]), contains='skipped')
-    test_fail(lambda: reid_metrics_from_dist(torch.rand(2, 3), [1, 2], [-1, 0, 0], [0, 0], [0, 1, 1]), contains='skipped')
+    fails_with(lambda: reid_metrics_from_dist(torch.rand(2, 3), [5, 6], [1, 2, 3], [0, 0], [1, 1, 1]), contains='skipped')
+    fails_with(lambda: reid_metrics_from_dist(torch.rand(2, 3), [1, 2], [1, 2, 3], [0, 0], [0, 0, 0]), contains='skipped')
+    fails_with(lambda: reid_metrics_from_dist(torch.rand(2, 3), [1, 2], [-1, 0, 0], [0, 0], [0, 1, 1]), contains='skipped')
 
 # ---------------------------------------------------------------- cuhk03
 def poisson_binomial_cdf(ps, m):
@@ -267,7 +257,7 @@ def test_result_api():
     d = r.as_dict()
     assert set(d) == {'mAP', 'mINP', 'rank1', 'rank5', 'n_valid', 'n_skipped'} and json.loads(json.dumps(d)) == d
     assert 'mAP=' in repr(r) and 'rank1=' in repr(r) and "protocol='market1501'" in repr(r)
-    test_fail(lambda: r.rank(9), contains='k'); test_fail(lambda: r.rank(0), contains='k')
+    fails_with(lambda: r.rank(9), contains='k'); fails_with(lambda: r.rank(0), contains='k')
 
 def test_plot_cmc():
     import matplotlib; matplotlib.use('Agg')
@@ -276,9 +266,9 @@ def test_plot_cmc():
     ax = plot_cmc(a, b, labels=['cos', 'l2'])
     assert [l.get_label() for l in ax.get_lines()] == ['cos', 'l2']
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), a.cmc.numpy())
-    test_fail(lambda: plot_cmc(), contains='results')
-    test_fail(lambda: plot_cmc(a, labels=['x', 'y']), contains='labels')
-    test_fail(lambda: plot_cmc(a, 3), contains='results')
+    fails_with(lambda: plot_cmc(), contains='results')
+    fails_with(lambda: plot_cmc(a, labels=['x', 'y']), contains='labels')
+    fails_with(lambda: plot_cmc(a, 3), contains='results')
 
 # ---------------------------------------------------------------- the protocol as a mask
 def test_protocol_mask_is_the_valid_gallery():
@@ -297,11 +287,11 @@ def test_protocol_mask_leaves_out_what_the_metrics_ignore():
         for fill in (0, 2): assert same_result(reid_metrics_from_dist(D.masked_fill(~m, fill), qp, gp, qc, gc, max_rank=10), res)
 
 def test_protocol_mask_errors():
-    test_fail(lambda: protocol_mask([1, 2], [1, 2], [0], [0, 0]), contains='q_camids')
-    test_fail(lambda: protocol_mask([1, 2], [1, 2], [0, 0], [0]), contains='g_camids')
-    test_fail(lambda: protocol_mask([[1, 2]], [1, 2], [0, 0], [0, 0]), contains='q_pids')
-    test_fail(lambda: protocol_mask([1, 2], [1.5, 2], [0, 0], [0, 0]), contains='g_pids')
-    test_fail(lambda: protocol_mask([1, 2], [-2, 2], [0, 0], [0, 0]), contains='g_pids')
+    fails_with(lambda: protocol_mask([1, 2], [1, 2], [0], [0, 0]), contains='q_camids')
+    fails_with(lambda: protocol_mask([1, 2], [1, 2], [0, 0], [0]), contains='g_camids')
+    fails_with(lambda: protocol_mask([[1, 2]], [1, 2], [0, 0], [0, 0]), contains='q_pids')
+    fails_with(lambda: protocol_mask([1, 2], [1.5, 2], [0, 0], [0, 0]), contains='g_pids')
+    fails_with(lambda: protocol_mask([1, 2], [-2, 2], [0, 0], [0, 0]), contains='g_pids')
 
 # ---------------------------------------------------------------- bad input
 def test_bad_input_errors():
@@ -311,41 +301,41 @@ def test_bad_input_errors():
     fd = lambda **kw: reid_metrics_from_dist(**{**dict(distmat=D, q_pids=qp, g_pids=gp, q_camids=qc, g_camids=gc), **kw})
     # length mismatches between features (or distances) and ids
     for name, bad in (('q_pids', qp[:-1]), ('g_pids', gp[:-1]), ('q_camids', qc[1:]), ('g_camids', torch.cat([gc, gc]))):
-        test_fail(lambda: f(**{name: bad}), contains=name); test_fail(lambda: fd(**{name: bad}), contains=name)
+        fails_with(lambda: f(**{name: bad}), contains=name); fails_with(lambda: fd(**{name: bad}), contains=name)
     # feature dimension mismatch, wrong ranks
-    test_fail(lambda: f(gallery_feats=gf[:, :5]), contains='feature dimension')
-    test_fail(lambda: f(query_feats=qf[0]), contains='query_feats')
-    test_fail(lambda: fd(distmat=D[0]), contains='distmat')
+    fails_with(lambda: f(gallery_feats=gf[:, :5]), contains='feature dimension')
+    fails_with(lambda: f(query_feats=qf[0]), contains='query_feats')
+    fails_with(lambda: fd(distmat=D[0]), contains='distmat')
     # NaN or inf in features or distances
     for bad in (math.nan, math.inf):
         q2, g2, D2 = qf.clone(), gf.clone(), D.clone()
         q2[3, 1] = bad; g2[7, 0] = bad; D2[2, 5] = bad
-        test_fail(lambda: f(query_feats=q2), contains='query_feats')
-        test_fail(lambda: f(gallery_feats=g2), contains='gallery_feats')
-        test_fail(lambda: fd(distmat=D2), contains='distmat')
-        test_fail(lambda: reid_dist(q2, gf), contains='query_feats')
-    test_fail(lambda: f(query_feats=qf * 1e30, gallery_feats=gf * 1e30, dist='euclidean'), contains='query_feats')  # overflow
+        fails_with(lambda: f(query_feats=q2), contains='query_feats')
+        fails_with(lambda: f(gallery_feats=g2), contains='gallery_feats')
+        fails_with(lambda: fd(distmat=D2), contains='distmat')
+        fails_with(lambda: reid_dist(q2, gf), contains='query_feats')
+    fails_with(lambda: f(query_feats=qf * 1e30, gallery_feats=gf * 1e30, dist='euclidean'), contains='query_feats')  # overflow
     # empty query or gallery
-    test_fail(lambda: f(query_feats=qf[:0], q_pids=qp[:0], q_camids=qc[:0]), contains='query_feats')
-    test_fail(lambda: f(gallery_feats=gf[:0], g_pids=gp[:0], g_camids=gc[:0]), contains='gallery_feats')
-    test_fail(lambda: fd(distmat=D[:, :0], g_pids=gp[:0], g_camids=gc[:0]), contains='distmat')
-    test_fail(lambda: fd(distmat=D[:0], q_pids=qp[:0], q_camids=qc[:0]), contains='distmat')
+    fails_with(lambda: f(query_feats=qf[:0], q_pids=qp[:0], q_camids=qc[:0]), contains='query_feats')
+    fails_with(lambda: f(gallery_feats=gf[:0], g_pids=gp[:0], g_camids=gc[:0]), contains='gallery_feats')
+    fails_with(lambda: fd(distmat=D[:, :0], g_pids=gp[:0], g_camids=gc[:0]), contains='distmat')
+    fails_with(lambda: fd(distmat=D[:0], q_pids=qp[:0], q_camids=qc[:0]), contains='distmat')
     # non-integer ids
     for name, x in (('q_pids', qp), ('g_pids', gp), ('q_camids', qc), ('g_camids', gc)):
-        test_fail(lambda: f(**{name: x.float()}), contains=name)
-        test_fail(lambda: fd(**{name: x.bool()}), contains=name)
-        test_fail(lambda: fd(**{name: ['a'] * len(x)}), contains=name)
-        test_fail(lambda: fd(**{name: x[None]}), contains=name)
-    test_fail(lambda: fd(g_pids=gp - 5), contains='g_pids')
+        fails_with(lambda: f(**{name: x.float()}), contains=name)
+        fails_with(lambda: fd(**{name: x.bool()}), contains=name)
+        fails_with(lambda: fd(**{name: ['a'] * len(x)}), contains=name)
+        fails_with(lambda: fd(**{name: x[None]}), contains=name)
+    fails_with(lambda: fd(g_pids=gp - 5), contains='g_pids')
     # max_rank, options, chunk_size, seed
-    for mr in (0, -1, 2.5, True, '5'): test_fail(lambda: fd(max_rank=mr), contains='max_rank')
-    test_fail(lambda: f(dist='cos'), contains='dist'); test_fail(lambda: reid_dist(qf, gf, 'l1'), contains='dist')
-    test_fail(lambda: f(protocol='market'), contains='protocol'); test_fail(lambda: fd(protocol=None), contains='protocol')
-    test_fail(lambda: f(ap='interpolated'), contains='ap'); test_fail(lambda: fd(ap='Standard'), contains='ap')
-    test_fail(lambda: fd(chunk_size=0), contains='chunk_size'); test_fail(lambda: f(chunk_size=1.5), contains='chunk_size')
-    test_fail(lambda: fd(seed='a'), contains='seed')
-    test_fail(lambda: f(query_feats='x'), contains='query_feats')
-    test_fail(lambda: fd(distmat=D.bool()), contains='distmat')
+    for mr in (0, -1, 2.5, True, '5'): fails_with(lambda: fd(max_rank=mr), contains='max_rank')
+    fails_with(lambda: f(dist='cos'), contains='dist'); fails_with(lambda: reid_dist(qf, gf, 'l1'), contains='dist')
+    fails_with(lambda: f(protocol='market'), contains='protocol'); fails_with(lambda: fd(protocol=None), contains='protocol')
+    fails_with(lambda: f(ap='interpolated'), contains='ap'); fails_with(lambda: fd(ap='Standard'), contains='ap')
+    fails_with(lambda: fd(chunk_size=0), contains='chunk_size'); fails_with(lambda: f(chunk_size=1.5), contains='chunk_size')
+    fails_with(lambda: fd(seed='a'), contains='seed')
+    fails_with(lambda: f(query_feats='x'), contains='query_feats')
+    fails_with(lambda: fd(distmat=D.bool()), contains='distmat')
 
 # ---------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -434,7 +424,7 @@ def test_max_rank_beyond_the_gallery_and_the_meta_device():
     qf, gf, *ids = trained_like(23, nq=10, ng=30)
     r = reid_metrics(qf, gf, *ids, max_rank=10**9)       # capped at the gallery size, not 8 GB of CMC
     assert len(r.cmc) == 30 and r.cmc[-1] == 1 and r.rank(10**9) == 1 and r.max_rank == 10**9
-    test_fail(lambda: reid_metrics(qf.to('meta'), gf, *ids), contains='query_feats')
-    test_fail(lambda: reid_metrics_from_dist(reid_dist(qf, gf).to('meta'), *ids), contains='distmat')
-    test_fail(lambda: reid_metrics(qf, gf, ids[0].to('meta'), *ids[1:]), contains='q_pids')
-    test_fail(lambda: reid_metrics_from_dist(reid_dist(qf, gf).to_sparse(), *ids), contains='distmat')
+    fails_with(lambda: reid_metrics(qf.to('meta'), gf, *ids), contains='query_feats')
+    fails_with(lambda: reid_metrics_from_dist(reid_dist(qf, gf).to('meta'), *ids), contains='distmat')
+    fails_with(lambda: reid_metrics(qf, gf, ids[0].to('meta'), *ids[1:]), contains='q_pids')
+    fails_with(lambda: reid_metrics_from_dist(reid_dist(qf, gf).to_sparse(), *ids), contains='distmat')

@@ -3,23 +3,14 @@ import re
 import numpy as np
 import pytest
 import torch
+from fastreid_rollback.test_utils import fails_with
 from fastreid_rollback.metrics import reid_dist, reid_metrics, reid_metrics_from_dist
 from fastreid_rollback.retrieval import (reid_rerank, aqe, dba, reid_roc, reid_roc_from_dist, ReIDROC, plot_roc,
                                          postprocessed_metrics, postprocess_names)
 from reference_rerank import (rerank_reference, scaled_sq_dists, aqe_reference, dba_reference, tpr_at_fpr_reference,
                               torchreid_re_ranking)
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "The problems here are tiny: on a busy machine, threads only add waiting"
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-def test_fail(f, contains):
-    "`f()` raises a ValueError whose message contains `contains`"
-    with pytest.raises(ValueError, match=re.escape(contains)): f()
-test_fail.__test__ = False
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 # ---------------------------------------------------------------- problems
 def clustered(rng, nq, ng, dim, n_ids, n_cams=3, noise=1., offset=.3):
@@ -120,17 +111,17 @@ def test_rerank_cuda_agrees_with_cpu():
 
 def test_rerank_errors():
     qf, gf = torch.randn(4, 3), torch.randn(6, 3)
-    test_fail(lambda: reid_rerank(qf, gf, k1=0), 'k1')
-    test_fail(lambda: reid_rerank(qf, gf, k1=True), 'k1')
-    test_fail(lambda: reid_rerank(qf, gf, k2=0), 'k2')
-    test_fail(lambda: reid_rerank(qf, gf, lambda_value=-.1), 'lambda_value')
-    test_fail(lambda: reid_rerank(qf, gf, lambda_value=float('nan')), 'lambda_value')
-    test_fail(lambda: reid_rerank(qf, gf, lambda_value=None), 'lambda_value')
-    test_fail(lambda: reid_rerank(qf, gf, dist='cos'), 'dist')
-    test_fail(lambda: reid_rerank(qf, gf, chunk_size=-1), 'chunk_size')
-    test_fail(lambda: reid_rerank(qf, gf.T), 'feature dimension')
-    test_fail(lambda: reid_rerank(qf.where(qf > 0, float('inf')), gf), 'query_feats')
-    test_fail(lambda: reid_rerank(qf, gf[:0]), 'gallery_feats')
+    fails_with(lambda: reid_rerank(qf, gf, k1=0), 'k1')
+    fails_with(lambda: reid_rerank(qf, gf, k1=True), 'k1')
+    fails_with(lambda: reid_rerank(qf, gf, k2=0), 'k2')
+    fails_with(lambda: reid_rerank(qf, gf, lambda_value=-.1), 'lambda_value')
+    fails_with(lambda: reid_rerank(qf, gf, lambda_value=float('nan')), 'lambda_value')
+    fails_with(lambda: reid_rerank(qf, gf, lambda_value=None), 'lambda_value')
+    fails_with(lambda: reid_rerank(qf, gf, dist='cos'), 'dist')
+    fails_with(lambda: reid_rerank(qf, gf, chunk_size=-1), 'chunk_size')
+    fails_with(lambda: reid_rerank(qf, gf.T), 'feature dimension')
+    fails_with(lambda: reid_rerank(qf.where(qf > 0, float('inf')), gf), 'query_feats')
+    fails_with(lambda: reid_rerank(qf, gf[:0]), 'gallery_feats')
 
 # ---------------------------------------------------------------- AQE and DBA
 def test_aqe_and_dba_agree_with_reference():
@@ -152,13 +143,13 @@ def test_aqe_float32_keeps_dtype_and_helps():
 
 def test_aqe_dba_errors():
     qf, gf = torch.randn(4, 3), torch.randn(6, 3)
-    test_fail(lambda: aqe(qf, gf, qe_times=-1), 'qe_times')
-    test_fail(lambda: aqe(qf, gf, qe_k=1.5), 'qe_k')
-    test_fail(lambda: aqe(qf, gf, alpha='3'), 'alpha')
-    test_fail(lambda: aqe(qf, gf[:, :2]), 'feature dimension')
-    test_fail(lambda: dba(gf, k=0), 'k must')
-    test_fail(lambda: dba(gf, alpha=float('inf')), 'alpha')
-    test_fail(lambda: dba(torch.zeros(0, 3)), 'gallery_feats')
+    fails_with(lambda: aqe(qf, gf, qe_times=-1), 'qe_times')
+    fails_with(lambda: aqe(qf, gf, qe_k=1.5), 'qe_k')
+    fails_with(lambda: aqe(qf, gf, alpha='3'), 'alpha')
+    fails_with(lambda: aqe(qf, gf[:, :2]), 'feature dimension')
+    fails_with(lambda: dba(gf, k=0), 'k must')
+    fails_with(lambda: dba(gf, alpha=float('inf')), 'alpha')
+    fails_with(lambda: dba(torch.zeros(0, 3)), 'gallery_feats')
 
 # ---------------------------------------------------------------- ROC
 @pytest.mark.parametrize('positives', ['same', 'different'])
@@ -184,18 +175,18 @@ def test_roc_from_features_and_plot():
     assert 'TPR@FPR=1e-02' in repr(r) and "positives='same'" in repr(r)
     ax = plot_roc(r, reid_roc_from_dist(reid_rerank(qf, gf), qp, gp, qc, gc), labels=['a', 'b'])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ['a', 'b'] and ax.get_xscale() == 'log'
-    test_fail(lambda: plot_roc(r, labels=['a', 'b']), 'labels')
-    test_fail(lambda: plot_roc(), 'rocs')
+    fails_with(lambda: plot_roc(r, labels=['a', 'b']), 'labels')
+    fails_with(lambda: plot_roc(), 'rocs')
 
 def test_roc_errors():
     D, ids = torch.rand(2, 3), ([1, 2], [1, 2, 2], [0, 0], [1, 1, 1])
-    test_fail(lambda: reid_roc_from_dist(D, *ids, positives='pos'), 'positives')
-    test_fail(lambda: reid_roc_from_dist(D, *ids, fprs=1e-3), 'fprs')
-    test_fail(lambda: reid_roc_from_dist(D, *ids, fprs=[-1]), 'fprs')
-    test_fail(lambda: reid_roc_from_dist(D[:, :2], *ids), 'g_pids')
-    test_fail(lambda: reid_roc_from_dist(D.where(D > .5, float('nan')), *ids), 'distmat')
-    test_fail(lambda: reid_roc_from_dist(D, [3, 4], *ids[1:]), 'a ROC needs both')
-    test_fail(lambda: reid_roc(torch.rand(2, 4), torch.rand(3, 4), *ids, dist='l1'), 'dist')
+    fails_with(lambda: reid_roc_from_dist(D, *ids, positives='pos'), 'positives')
+    fails_with(lambda: reid_roc_from_dist(D, *ids, fprs=1e-3), 'fprs')
+    fails_with(lambda: reid_roc_from_dist(D, *ids, fprs=[-1]), 'fprs')
+    fails_with(lambda: reid_roc_from_dist(D[:, :2], *ids), 'g_pids')
+    fails_with(lambda: reid_roc_from_dist(D.where(D > .5, float('nan')), *ids), 'distmat')
+    fails_with(lambda: reid_roc_from_dist(D, [3, 4], *ids[1:]), 'a ROC needs both')
+    fails_with(lambda: reid_roc(torch.rand(2, 4), torch.rand(3, 4), *ids, dist='l1'), 'dist')
 
 # ---------------------------------------------------------------- evaluation with post-processing
 def test_postprocessed_metrics():
@@ -209,4 +200,4 @@ def test_postprocessed_metrics():
     same_metrics(res['AQE + re-ranked'], reid_metrics_from_dist(reid_rerank(qa, ga, k1=8, k2=2), *ids, max_rank=10), tol=0)
     assert list(postprocessed_metrics(qf, gf, *ids, rerank=True)) == ['plain', 're-ranked']
     assert list(postprocessed_metrics(qf, gf, *ids)) == ['plain']
-    test_fail(lambda: postprocessed_metrics(qf, gf, *ids, aqe=3), 'aqe')
+    fails_with(lambda: postprocessed_metrics(qf, gf, *ids, aqe=3), 'aqe')
