@@ -302,7 +302,8 @@ def block_weight_change(model) -> dict: # {block: relative change}, empty withou
     pre = getattr(m, 'pretrained_state', None) or {}
     res = {}
     for n,state in pre.items():
-        own = {k:v for k,v in block_state(m, n).items() if k in dict(_block_params(m, n))}
+        params = {k for k,_ in _block_params(m, n)}
+        own = {k:v for k,v in block_state(m, n).items() if k in params}
         d = torch.sqrt(sum(((own[k].float() - state[k].float())**2).sum() for k in own))
         res[n] = float(d / torch.sqrt(sum((state[k].float()**2).sum() for k in own)))
     return res
