@@ -20,7 +20,7 @@ from fastai.callback.schedule import ParamScheduler, SchedNo, combine_scheds, co
 from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 from .model import block_names, block_modules, block_state, load_block_state, reid_splitter, unwrap_model
-from .model import load_backbone_weights, _check_keys
+from .backbones import load_backbone_weights, _check_keys
 from .learner import in_validation
 
 # %% auto #0
