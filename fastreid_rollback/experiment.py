@@ -17,17 +17,17 @@ from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
 from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules
-from .backbones import weights_cache_file, load_state_file, _check_keys
+from .backbones import weights_cache_file, load_state_file, rollback_cache, _check_keys
 from .learner import reid_learner, ReIDEvalCallback, in_validation
 from .metrics import _check_int
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
 from .distributed import ddp_ctx  # `Learner.ddp_ctx`
 
 # %% auto #0
-__all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'rollback_cache',
-           'source_backbone', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun',
-           'train_reid', 'train_arm', 'compare_rollback', 'results_table', 'EpochLosses', 'run_record',
-           'block_weight_change', 'plateau_epoch', 'paired_difference', 'decide', 'plot_losses', 'save_report']
+__all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'source_backbone',
+           'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid',
+           'train_arm', 'compare_rollback', 'results_table', 'EpochLosses', 'run_record', 'block_weight_change',
+           'plateau_epoch', 'paired_difference', 'decide', 'plot_losses', 'save_report']
 
 # %% ../nbs/06_experiment.ipynb #87c74842
 def imagenet_weights_available(arch:str='resnet50', # torchvision architecture name
@@ -57,10 +57,6 @@ def pretrain_backbone(dest:str|Path, # folder for the source data and the weight
     return save_backbone(learn.model, dest/f'{arch}_source_pretrained.pth')
 
 # %% ../nbs/06_experiment.ipynb #884408d4
-def rollback_cache() -> Path:
-    "Folder of the cached source backbones: `$FASTREID_ROLLBACK_CACHE`, else `~/.cache/fastreid_rollback`"
-    return Path(os.environ.get('FASTREID_ROLLBACK_CACHE') or Path.home()/'.cache'/'fastreid_rollback').expanduser()
-
 def source_backbone(arch:str='resnet18', # torchvision architecture name
                     n_ids:int=800, # training identities of the source domain
                     n_cams:int=6, # cameras of the source domain
