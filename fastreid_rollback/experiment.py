@@ -368,15 +368,15 @@ def plateau_epoch(losses, # the mean training loss of each epoch at a constant L
 def converged_period(val_mAP, # validation mAP after each epoch (epoch 1 first), training at one constant LR
                      losses, # mean training loss of the same epochs
                      tol:float=0.01, # the mAP at P must be within `tol` of the mAP at 2P
-                     loss_tol:float=0.05, # the loss must change by less than this fraction over the last quarter of the P epochs
+                     loss_tol:float=0.05, # the loss must change by less than this fraction of its first epoch's value over the last quarter of the P epochs
                      min_period:int=2, # the smallest P considered
                     ) -> int|None: # the first P that passes; None when none with 2P <= len(val_mAP) does
-    "The first P at which training has converged: mAP at P within `tol` of mAP at 2P, and the loss flat (within `loss_tol`) over epochs 3P/4..P"
+    "The first P at which training has converged: mAP at P within `tol` of mAP at 2P, and the loss flat over the last quarter of the P epochs"
     m,l = np.asarray(val_mAP, dtype=float),np.asarray(losses, dtype=float)
     if m.ndim != 1 or m.shape != l.shape: raise ValueError(f"val_mAP and losses: expected one value per epoch for the same epochs, got {m.shape} and {l.shape}")
     for P in range(max(min_period, 2), len(m)//2 + 1):
-        q = -(-P//4)   # the last quarter, at least one epoch
-        if abs(m[2*P-1] - m[P-1]) <= tol and abs(l[P-1] - l[P-1-q]) < loss_tol*abs(l[P-1-q]): return P
+        q = -(-P//4)   # a quarter, at least one epoch: the mean loss of the last quarter against that of the quarter before
+        if abs(m[2*P-1] - m[P-1]) <= tol and abs(l[P-q:P].mean() - l[P-2*q:P-q].mean()) < loss_tol*abs(l[0]): return P
     return None
 
 # %% ../nbs/06_experiment.ipynb #724f9e6c
