@@ -146,6 +146,7 @@ def test_converged_period():
     assert converged_period([.1, .5, .5, .5], [1., .99, .98, .98]) == 2    # mAP(2) = mAP(4); loss 1 -> 0.99 over the last quarter (epoch 2)
     assert converged_period([.1, .5, .5, .5], [3., 2., 1., .98]) is None    # the loss falls by a third of its first value in epoch 2
     assert converged_period([.1, .2, .3, .4, .5, .6], [1.]*6) is None        # mAP still rising
+    assert converged_period(np.full(40, .5), 3*np.exp(-np.arange(1, 41)/10)) is None   # loss still falling
     assert converged_period(mAP[:2*P-1], loss[:2*P-1]) is None               # too short to see the mAP at 2P
     with pytest.raises(ValueError, match='same epochs'): converged_period([.1, .2], [1.])
 
