@@ -3,6 +3,7 @@ from .metrics import *
 from .retrieval import *
 from .synthetic import *
 from .data import *
+from .backbones import *
 from .model import *
 from .learner import *
 from .distributed import *

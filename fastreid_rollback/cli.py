@@ -17,6 +17,7 @@ from .distributed import on_rank0_first
 from .experiment import (imagenet_weights_available, source_backbone, compare_rollback, arm_names, train_reid,
                                           save_report, save_checkpoint, read_checkpoint)
 from .model import atomic_write
+from .backbones import check_arch, reid_pools
 from .metrics import _check_int
 
 # %% auto #0
@@ -108,7 +109,9 @@ def _pretrained(spec:str):
 # %% ../nbs/10_cli.ipynb #edf51049
 def train(data:str=None, # the dataset's folder (for 'synthetic': where to generate it)
           dataset:str='market1501', # market1501, dukemtmc, msmt17, cuhk03 or synthetic
-          arch:str='resnet50', # torchvision ResNet/ResNeXt/Wide-ResNet name
+          arch:str='resnet50', # architecture: a torchvision name, a timm name or timm/<name> (fastreid_rollback.backbones.torchvision_archs())
+          pool:str='avg', # global pooling: avg, max or gem
+          last_stride:int=2, # 1: no downsampling in the last block (the ReID last-stride trick)
           periods:int=4, # periods of the rolling-back schedule
           epochs_per_period:int=40, # epochs in each period
           bs:int=32, # batch size (per process when launched on several)
@@ -118,7 +121,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
           baseline:store_true=False, # train the one-period baseline (same total epochs) instead
           resume:store_true=False, # continue from out/checkpoints/last.pth
           fp16:store_true=False, # mixed precision
-          pretrained:str='imagenet', # imagenet (local torch hub cache), none, or a backbone file
+          pretrained:str='imagenet', # imagenet (the local torch hub or Hugging Face cache), none, or a backbone file
           checkpoint_every:int=5, # checkpoint every this many epochs (and at every period end)
           workers:int=None, # DataLoader workers
           seed:int=0, # seed of the initialisation and of every epoch
@@ -128,15 +131,18 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
                       ('--checkpoint-every', checkpoint_every, 0), ('--workers', workers, 0), ('--seed', seed, 0), ('--size', size[0], 1), ('--size', size[1], 1)]:
         if v is not None: _check_int(v, flag, lo)
     if not lr > 0: raise ValueError(f"--lr must be > 0, got {lr}")
+    check_arch(arch)  # a bad --arch, --pool or --last-stride stops the command before anything is written
+    if pool not in reid_pools: raise ValueError(f"--pool {pool!r}: expected one of {list(reid_pools)}")
+    if last_stride not in (1, 2): raise ValueError(f"--last-stride {last_stride}: expected 2 (the architecture's own) or 1")
     out = _out_folder(out)
     df = on_rank0_first(read_dataset, data, dataset)  # several processes: the first one generates the embedded dataset
     dls = reid_dls(df, size=tuple(size), bs=bs, num_workers=workers, seed=seed)
     n_periods, epp = (1, periods*epochs_per_period) if baseline else (periods, epochs_per_period)
     run = train_reid(dls, arch=arch, pretrained=_pretrained(pretrained), n_periods=n_periods, epochs_per_period=epp,
-                     lr=lr, out=out, checkpoint_every=checkpoint_every, resume=resume, fp16=fp16, seed=seed,
-                     name='baseline' if baseline else 'rollback', meta=dict(size=list(size)))
+                     lr=lr, out=out, checkpoint_every=checkpoint_every, resume=resume, fp16=fp16, seed=seed, pool=pool, last_stride=last_stride,
+                     name='baseline' if baseline else 'rollback', meta=dict(size=list(size), pool=pool, last_stride=last_stride))
     if rank_distrib(): return None  # several processes: the first one writes the model and the report
-    config = dict(data=str(data), dataset=dataset, arch=arch, periods=periods, epochs_per_period=epochs_per_period, bs=bs,
+    config = dict(data=str(data), dataset=dataset, arch=arch, pool=pool, last_stride=last_stride, periods=periods, epochs_per_period=epochs_per_period, bs=bs,
                   size=list(size), lr=lr, baseline=baseline, pretrained=pretrained, seed=seed)
     save_checkpoint(run.learn, Path(out)/'model.pth', with_opt=False, **config, n_ids=dls.n_ids, epoch=n_periods*epp-1)
     table = save_report({run.name: run}, out, config=config, ranked=run.name)
@@ -165,7 +171,9 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
     if not isinstance(arch, str): raise ValueError(f"--model {model!r} does not record its architecture: expected a file written by train")
     if size is None: raise ValueError(f"--model {model!r} does not record its input size: pass --size HEIGHT WIDTH")
     dls = reid_dls(read_dataset(data, dataset), size=tuple(size), bs=bs, num_workers=workers)
-    learn = reid_learner(dls, arch=arch, pretrained=state['model'])  # the backbone of the saved model
+    meta = state['meta']
+    learn = reid_learner(dls, arch=arch, pretrained=state['model'], pool=meta.get('pool', 'avg'), last_stride=meta.get('last_stride', 2))  # the saved backbone
+    learn.model.pool.load_state_dict({k[5:]:v for k,v in state['model'].items() if k.startswith('pool.')})  # GeM's p
     res = learn.reid_evaluate(rerank=rerank, aqe=aqe, variants=True)
     for k,r in res.items(): print(f"{k}: {r}" if len(res) > 1 else r)
     if out is not None:

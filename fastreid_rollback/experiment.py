@@ -17,8 +17,8 @@ from fastai.learner import Learner
 from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
-from .model import (unwrap_model, save_backbone, weights_cache_file, atomic_save, atomic_write, load_state_file, _check_keys,
-                                     block_state, block_modules, block_names)
+from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules, block_names
+from .backbones import weights_cache_file, load_state_file, _check_keys
 from .learner import reid_learner, ReIDEvalCallback, in_validation
 from .metrics import _check_int
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch

@@ -5,6 +5,7 @@
 # %% ../nbs/09_inference.ipynb #9c368bcc
 from __future__ import annotations
 import copy, hashlib, json
+from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import Tensor
@@ -22,7 +23,8 @@ from fastai.vision.augment import Resize
 from fastprogress.fastprogress import progress_bar
 import matplotlib.pyplot as plt
 from . import __version__
-from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, create_backbone, resnet_archs, unwrap_model
+from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, unwrap_model
+from .backbones import create_backbone, resnet_archs
 from .data import reid_item_tfms, reid_batch_tfms
 from .metrics import reid_dist
 from .learner import show_framed_image
@@ -56,13 +58,14 @@ def _read_tensors(path, kind:str):
 
 # %% ../nbs/09_inference.ipynb #3ab36970
 def _arch_of(backbone_state:dict) -> str:
-    "The torchvision ResNet/ResNeXt/Wide-ResNet whose layers have the shapes of `backbone_state`"
+    "The torchvision ResNet/ResNeXt/Wide-ResNet whose layers have the shapes of `backbone_state` (for models that do not record their `arch`)"
     want = {k:tuple(v.shape) for k,v in backbone_state.items()}
     for arch in resnet_archs():
         with torch.device('meta'): got = {k:tuple(v.shape) for k,v in create_backbone(arch).state_dict().items()}
         if got == want: return arch
-    raise ValueError("the backbone is not a torchvision ResNet/ResNeXt/Wide-ResNet (the models reid_learner builds by name): "
-                     "export_reid rebuilds the model from its architecture's name")
+    raise ValueError("the model does not record the architecture it was built from, and its backbone is not a torchvision ResNet: "
+                     "export_reid rebuilds the model from its architecture's name; build it by name (create_reid_model('mobilenet_v2', ...)) "
+                     "or set model.arch to the name that builds its backbone")
 
 def _head_config(model:ReIDModel) -> dict:
     "How to rebuild the head of `model`"
@@ -84,8 +87,8 @@ def _preprocessing(tfms:list) -> dict:
 
 def _model_config(model:ReIDModel, tfms:list, flip:bool, normalize:bool) -> dict:
     "Everything but the weights that `load_reid` needs to compute the features of `model` preprocessed by `tfms`"
-    return dict(arch=_arch_of(model.backbone.state_dict()), blocks=model.blocks, n_ids=model.n_ids, feat_dim=model.feat_dim,
-                head=_head_config(model), **_preprocessing(tfms),
+    return dict(arch=model.arch or _arch_of(model.backbone.state_dict()), blocks=model.blocks, n_ids=model.n_ids, feat_dim=model.feat_dim,
+                pool=model.pool_name, last_stride=model.last_stride, head=_head_config(model), **_preprocessing(tfms),
                 feature=dict(output='neck' if model.neck_feat else 'pooled', flip=bool(flip), normalize=bool(normalize)))
 
 # %% ../nbs/09_inference.ipynb #057f35e8
@@ -140,7 +143,8 @@ def checkpoint_to_reid(checkpoint, # a file written by `save_checkpoint` (e.g. `
     if size is None: raise ValueError(f"checkpoint {str(checkpoint)!r} records no input size: pass size=(height, width)")
     bb = {k[9:]:v for k,v in sd.items() if k.startswith('backbone.')}
     neck = dict(neck='classblock', hidden=sd['head.neck.0.weight'].shape[0]) if 'head.neck.0.weight' in sd else dict(neck='bnneck')
-    model = create_reid_model(meta.get('arch') or _arch_of(bb), sd['head.classifier.weight'].shape[0], pretrained=False, **neck)
+    model = create_reid_model(meta.get('arch') or _arch_of(bb), sd['head.classifier.weight'].shape[0], pretrained=False,
+                              pool=meta.get('pool', 'gem' if 'pool.p' in sd else 'avg'), last_stride=meta.get('last_stride', 2), **neck)
     try: model.load_state_dict(sd)
     except RuntimeError as e: raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit a {meta.get('arch')} ReIDModel: {e}") from None
     return save_reid(model, fname, size=size, **kwargs)
@@ -236,10 +240,13 @@ class ReIDPredictor:
 # %% ../nbs/09_inference.ipynb #d26b77e3
 def _build_model(config:dict, state:dict) -> ReIDModel:
     "The `ReIDModel` described by `config`, holding the weights `state`"
-    head = dict(config['head'])
-    with torch.device('meta'):  # no random initialisation: the weights come from `state`
-        m = create_reid_model(config['arch'], config['n_ids'], blocks=config['blocks'], feat_dim=config['feat_dim'],
-                              neck_feat=config['feature']['output'] == 'neck', pretrained=False, **head)
+    build = partial(create_reid_model, config['arch'], config['n_ids'], blocks=config['blocks'], feat_dim=config['feat_dim'],
+                    pool=config.get('pool', 'avg'), last_stride=config.get('last_stride', 2),
+                    neck_feat=config['feature']['output'] == 'neck', pretrained=False, **config['head'])
+    try:
+        with torch.device('meta'): m = build()  # no random initialisation: the weights come from `state`
+    except NotImplementedError:  # a builder that computes its layer sizes with tensors (torchvision's RegNet) needs real ones
+        with torch.random.fork_rng(devices=[]): m = build()
     m.load_state_dict(state, assign=True)
     return m
 

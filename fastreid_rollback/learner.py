@@ -102,15 +102,17 @@ def _given_model(model, loss):
 
 @delegates(Learner.__init__)
 def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
-                 arch:str|nn.Module='resnet50', # torchvision ResNet name, a backbone module (with `blocks=`), or a ready `ReIDModel`, trained as it is (then `pretrained`, `neck`, `blocks` are unused)
-                 pretrained=True, # True (torchvision DEFAULT weights, from the local cache), False, a weights enum member or a local state-dict path
+                 arch:str|nn.Module='resnet50', # architecture name (torchvision, timm, 'timm/<name>'), a backbone module (with `blocks=`), or a ready `ReIDModel`, trained as it is (then `pretrained`, `neck`, `blocks`, `pool`, `last_stride` are unused)
+                 pretrained=True, # True (the architecture's ImageNet weights, from the local cache), False, a weights enum member, a local weights file or a state dict
                  neck:str='classblock', # 'classblock' (reference head) or 'bnneck'
                  loss:str='ce', # 'ce', 'triplet' or 'ce+triplet' (summed)
                  label_smoothing:float=0., # label smoothing of the cross-entropy
                  triplet_margin:float=None, # batch-hard triplet margin; None for the soft margin
                  triplet_normalize:bool=False, # triplet loss on L2-normalised features
                  metrics=accuracy, # fastai metrics (they see the logits)
-                 blocks:list|dict=None, # block module names for a non-ResNet backbone
+                 blocks:list|dict=None, # block module names, for a backbone module (default: found from the architecture)
+                 pool:str='avg', # global pooling: 'avg' (the reference), 'max' or 'gem'
+                 last_stride:int=2, # 1: no downsampling in the last block (the ReID "last stride" trick)
                  opt_func=reference_sgd, # optimizer (default: the reference SGD)
                  cbs=None, # extra callbacks
                  **kwargs):
@@ -118,7 +120,7 @@ def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
     if loss not in _losses: raise ValueError(f"loss={loss!r}: expected one of {list(_losses)}")
     n_ids,triplet = _dls_n_ids(dls),'triplet' in loss
     if isinstance(arch, ReIDModel): model = _given_model(arch, loss)
-    else: model = create_reid_model(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained, with_feats=triplet)
+    else: model = create_reid_model(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained, with_feats=triplet, pool=pool, last_stride=last_stride)
     _check_ids(model, dls)
     loss_func = kwargs.pop('loss_func', None) or ReIDLoss('ce' in loss, triplet, label_smoothing, triplet_margin, triplet_normalize)
     return Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=reid_splitter, metrics=metrics,

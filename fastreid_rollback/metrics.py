@@ -511,6 +511,7 @@ def plot_cmc(*results:ReIDResult, # results to draw, one curve each
     if len(labels) != len(results): raise ValueError(f"labels has {len(labels)} entries for {len(results)} results")
     if ax is None: _, ax = plt.subplots(figsize=(6, 4))
     for r, l in zip(results, labels): ax.plot(np.arange(1, len(r.cmc) + 1), r.cmc.numpy(), label=l, **kwargs)
-    ax.set_xlabel('rank'); ax.set_ylabel('matching rate (CMC)'); ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=.3); ax.legend()
+    lo = min(float(r.cmc.min()) for r in results)                # the y axis from a round value below the lowest point
+    ax.set_xlabel('rank'); ax.set_ylabel('matching rate (CMC)'); ax.set_ylim(max(0., math.floor((lo - .05) * 10) / 10), 1.01)
+    ax.grid(True, alpha=.3); ax.legend(loc='lower right')
     return ax

@@ -20,7 +20,7 @@ from fastai.callback.schedule import ParamScheduler, SchedNo, combine_scheds, co
 from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 from .model import block_names, block_modules, block_state, load_block_state, reid_splitter, unwrap_model
-from .model import load_backbone_weights, _check_keys
+from .backbones import load_backbone_weights, _check_keys
 from .learner import in_validation
 
 # %% auto #0
@@ -221,7 +221,8 @@ def plot_group_lrs(lrs:pd.DataFrame, # per batch LRs: `epoch`, `iter` and a colu
     x = lrs['epoch'] + lrs['iter']/n_iter
     for c in lrs.columns[2:]: ax.plot(x, lrs[c], drawstyle='steps-post', label=c)
     for i,ev in enumerate(events or []): ax.axvline(ev['epoch'], color='k', ls='--', lw=1, label='roll-back' if i == 0 else None)
-    ax.set_yscale('log'); ax.set_xlabel('epoch'); ax.set_ylabel('learning rate'); ax.legend(fontsize='small')
+    ax.set_yscale('log'); ax.set_xlabel('epoch'); ax.set_ylabel('learning rate')
+    ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0)   # outside: the steps fill the axes
     return ax
 
 @patch

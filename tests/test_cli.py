@@ -153,6 +153,9 @@ def test_ctrl_c_exits_130_then_resumes(tmp_path, backbone_file):
     (['train', '--data', '/nonexistent/market', '--dataset', 'market1501'], '/nonexistent/market'),
     (['train', '--data', '.', '--dataset', 'imagenet'], 'imagenet'),
     (['train', '--data', '{syn}', '--dataset', 'synthetic', '--arch', 'vgg16', '--pretrained', 'none'], 'vgg16'),
+    (['train', '--data', '{empty}/new', '--dataset', 'synthetic', '--arch', 'no_such_net'], "arch='no_such_net' is not an architecture"),
+    (['train', '--data', '{empty}/new', '--dataset', 'synthetic', '--pool', 'mean'], "--pool 'mean'"),
+    (['train', '--data', '{empty}/new', '--dataset', 'synthetic', '--last-stride', '3'], '--last-stride 3'),
     (['train', '--data', '{syn}', '--dataset', 'synthetic', '--arch', 'resnet18', '--pretrained', 'imagenet'], 'torch hub cache'),
     (['train', '--data', '{syn}', '--dataset', 'market1501', '--pretrained', '/nonexistent/w.pth'], '/nonexistent/w.pth'),
     (['train', '--data', '{syn}', '--dataset', 'synthetic', '--arch', 'resnet18', '--pretrained', '{bb}', '--periods', '6', '--epochs-per-period', '1'], 'n_periods=6'),
@@ -194,6 +197,7 @@ def test_errors(tmp_path, backbone_file, args, expected, monkeypatch, capsys):
     assert lines[0].startswith('fastreid-rollback') and expected.format(**names) in lines[0], lines[0]
     assert (tmp_path/'mine'/'results.csv').read_text() == 'my results\n' and (tmp_path/'notes.txt').read_text() == 'a text file\n'
     assert not (tmp_path/'runs').exists()                         # a refused command leaves no output folder behind
+    assert not (tmp_path/'empty'/'new').exists()                  # nor a generated dataset
 
 def test_errors_exit_status(tmp_path):
     "The console process itself: one line, status 2, no traceback"

@@ -1,5 +1,5 @@
-"The docs site builder (.ci/docs.py): pages, API reference, images, navigation, placeholders, and broken links caught"
-import importlib.util, json, shutil, subprocess, sys
+"The docs site builder (.ci/docs.py): pages, API reference (each public name once), images, navigation, search, placeholders, and broken links caught"
+import importlib.util, json, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 pytest.importorskip('nbconvert'); pytest.importorskip('nbdev')       # the development extras (the newest-fastai CI environment lacks them)
@@ -15,22 +15,28 @@ def load_docs():
     return mod
 
 docs = load_docs()
+quiet = lambda *a: None
 
 def write_nb(path, *cells):
     nbformat.write(new_notebook(cells=list(cells), metadata={'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}), path)
 
+def api_headings(page):
+    "The names of the API entries of a built page (the headings of the show_doc outputs)"
+    return re.findall(r'<div class="output_markdown[^"]*">\s*<hr/>\s*(?:<p>.*?</p>\s*)?<h\d id="[^"]*">([^<]+)<', page, re.S)
+
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-    "The site of two real notebooks (the index and the metrics) and the images"
+    "The site of three real notebooks (the index, the metrics and the rolling back), the images, and a stub of the page rollback links to"
     nbs, out = tmp_path_factory.mktemp('nbs'), tmp_path_factory.mktemp('site')
-    for n in ('index.ipynb', '00_metrics.ipynb'): shutil.copy(root/'nbs'/n, nbs/n)
+    for n in ('index.ipynb', '00_metrics.ipynb', '05_rollback.ipynb'): shutil.copy(root/'nbs'/n, nbs/n)
+    write_nb(nbs/'method.ipynb', new_markdown_cell('# The method'), new_markdown_cell('## The schedule\n\nPeriods.'))   # where rollback links to
     shutil.copytree(root/'nbs'/'images', nbs/'images')
-    return out, docs.build(nbs, out, log=lambda *a: None)
+    return out, docs.build(nbs, out, log=quiet)
 
 def test_pages_navigation_and_images(site):
     out, bad = site
     assert bad == []
-    assert sorted(p.name for p in out.glob('*.html')) == ['index.html', 'metrics.html']
+    assert sorted(p.name for p in out.glob('*.html')) == ['index.html', 'method.html', 'metrics.html', 'rollback.html']
     index, metrics = (out/'index.html').read_text(), (out/'metrics.html').read_text()
     assert '<h1 class="title">fastreid_rollback</h1>' in index and 'src="images/cmc.png"' in index and (out/'images'/'cmc.png').is_file()
     for page in (index, metrics): assert 'href="index.html"' in page and 'href="metrics.html"' in page and 'site.css' in page
@@ -38,11 +44,112 @@ def test_pages_navigation_and_images(site):
     assert (out/'site.css').stat().st_size > 1000
     assert '#| ' not in metrics and 'show_doc(' not in metrics           # directives and show_doc calls are not shown
 
+def test_landing_page_use_first(site):
+    index = (site[0]/'index.html').read_text()
+    h2 = re.findall(r'<h2 id="([^"]+)"', index)
+    assert h2[:3] == ['two-commands', 'use', 'evidence-and-speed']
+
 def test_api_reference_from_show_doc(site):
     metrics = (site[0]/'metrics.html').read_text()
     for name in ('reid_metrics', 'reid_metrics_from_dist', 'protocol_mask', 'reidresult.rank'): assert f'<h3 id="{name}"' in metrics
     assert 'identity of each query' in metrics                          # a docments comment of protocol_mask's signature
     assert 'data:image/png;base64' in metrics                           # the CMC plot of an example
+
+def test_api_reference_every_name_once(site):
+    "Every show_doc of a cell is shown (RollbackCallback's cell has three); a patched method once; a constant documented"
+    rollback, metrics = (site[0]/'rollback.html').read_text(), (site[0]/'metrics.html').read_text()
+    names = api_headings(rollback)
+    for n in ('RollbackCallback', 'RollbackCallback.roll_back', 'RollbackCallback.period_lrs', 'SeedEachEpoch', 'epoch_seed',
+              'clear_opt_state', 'fresh_opt', 'BlockGradStats', 'plot_block_grads', 'Recorder.plot_block_grads',
+              'Learner.fit_rollback', 'plot_group_lrs', 'Recorder.plot_group_lrs'): assert names.count(n) == 1, n
+    assert 'fit_rollback' not in names and len(names) == len(set(names))
+    assert api_headings(metrics).count('reid_metric_names') == 1          # a constant: its definition, with its comment
+    assert 'the metrics an evaluation reports' in metrics
+
+def test_public_names():
+    "Every `__all__` name and every patched public method, of the modules exported from the notebooks given"
+    pub = docs.public_names({'05_rollback.ipynb', '09_inference.ipynb'})
+    for n in ('RollbackCallback', 'default_keep', 'Learner.fit_rollback', 'Recorder.plot_group_lrs', 'ReIDIndex.load', 'ReIDIndex.search',
+              'Learner.export_reid', 'load_reid'): assert n in pub, n
+    assert pub['Learner.fit_rollback'] == 'fastreid_rollback.rollback' and 'fit_rollback' not in pub
+    assert 'reid_metrics' not in pub                                     # metrics' notebook was not given
+
+_lib_mod = '''"A module of a test library"
+
+# AUTOGENERATED! DO NOT EDIT! File to edit: ../nbs/01_mod.ipynb.
+
+__all__ = ['K', 'f', 'g', 'Foo']
+K = 3
+def f(): pass
+def g(): pass
+class Foo: pass
+@patch
+def h(self:Foo): pass
+'''
+
+def mod_notebook(nbs, *doc_cells):
+    write_nb(nbs/'index.ipynb', new_markdown_cell('# Home'))
+    write_nb(nbs/'01_mod.ipynb', new_markdown_cell('# Mod\n\n> a `mod` module'), new_code_cell('#| default_exp mod'),
+             new_code_cell('#| export\nfrom fastcore.basics import patch'),
+             new_code_cell('#| export\nK = 3 # the answer, roughly\ndef f(a=None, # a thing\n     ): "Do f"\ndef g(): "Do g"'),
+             new_code_cell('#| export\nclass Foo:\n    "A foo"\n@patch\ndef h(self:Foo): "Do h"'), *doc_cells)
+
+def test_api_check(tmp_path):
+    "The API check of a test library: all shown once passes; missing and duplicated names are reported"
+    nbs, lib = tmp_path/'nbs', tmp_path/'lib'/'mylib'
+    nbs.mkdir(); lib.mkdir(parents=True)
+    (lib/'mod.py').write_text(_lib_mod)
+    mod_notebook(nbs, new_code_cell('show_doc(f)\nshow_doc(Foo.h)'))
+    assert docs.build(nbs, tmp_path/'out', site='t', log=quiet, lib=lib) == []
+    page = (tmp_path/'out'/'mod.html').read_text()
+    assert sorted(api_headings(page)) == ['Foo', 'Foo.h', 'K', 'f', 'g']
+    text = re.sub(r'<[^>]+>', '', page)
+    assert 'a=None, # a thing' in text and 'NoneType' not in text and 'K = 3 # the answer, roughly' in text
+    assert '<p class="description">a <code>mod</code> module</p>' in page   # a description's code span is code, not backticks
+    mod_notebook(nbs, new_code_cell('show_doc(f)'), new_code_cell('show_doc(f)'), new_code_cell('#| hide\nshow_doc(g)'))
+    assert sorted(docs.build(nbs, tmp_path/'out', site='t', log=quiet, lib=lib)) == [
+        'API reference: f is documented 2 times (mod.html)', 'API reference: g (from mylib.mod) is documented on no page']
+
+def test_split_show_docs():
+    from execnb.nbio import mk_cell
+    c = mk_cell('x = 1\nshow_doc(a)\nshow_doc(b)\ny = 2')
+    c.directives_ = {}
+    assert [s.source for s in docs.split_show_docs(c)] == ['x = 1\nshow_doc(a)', 'show_doc(b)\ny = 2']
+
+def test_page_names_one_style():
+    assert [docs.page_name(n) for n in ('00_metrics.ipynb', '00a_retrieval.ipynb', '04a_distributed.ipynb', 'index.ipynb', 'method.ipynb')] == [
+        'metrics.html', 'retrieval.html', 'distributed.html', 'index.html', 'method.html']
+
+def test_empty_sections_dropped(tmp_path):
+    nbs, out = tmp_path/'nbs', tmp_path/'out'; nbs.mkdir()
+    write_nb(nbs/'index.ipynb', new_markdown_cell('# Home'), new_markdown_cell('## Empty'), new_code_cell('#| hide\nx = 1'),
+             new_markdown_cell('## Full'), new_markdown_cell('### Part'), new_markdown_cell('text'), new_markdown_cell('## Last'))
+    assert docs.build(nbs, out, site='t', log=quiet) == []
+    assert re.findall(r'<h\d id="([^"]+)"', (out/'index.html').read_text()) == ['full', 'part']
+
+def test_wide_figure_as_plots(tmp_path):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    nbs, out = tmp_path/'nbs', tmp_path/'out'
+    (nbs/'images').mkdir(parents=True)
+    fig, axs = plt.subplots(1, 3, figsize=(15, 3))
+    for ax in axs: ax.plot([0, 1], [1, 0]); ax.set_ylabel('y')
+    fig.savefig(nbs/'images'/'wide.png', dpi=60, bbox_inches='tight'); plt.close(fig)
+    write_nb(nbs/'index.ipynb', new_markdown_cell('# Home'), new_markdown_cell('![three plots](images/wide.png)'))
+    assert docs.build(nbs, out, site='t', log=quiet) == []
+    page = (out/'index.html').read_text()
+    assert '<a class="plots" href="images/wide.png"' in page
+    assert [f'images/wide.{i}.png' for i in (1, 2, 3)] == re.findall(r'src="(images/wide\.\d\.png)"', page)
+
+def test_search_index(site):
+    out = site[0]
+    text = (out/'search_index.js').read_text()
+    assert text.startswith('window.searchIndex = ') and (out/'search.js').is_file()
+    entries = json.loads(text[len('window.searchIndex = '):].rstrip().rstrip(';'))
+    assert {'u': 'rollback.html#rollbackcallback.roll_back', 'p': 'Rolling back', 'h': 'RollbackCallback.roll_back'}.items() <= \
+        next(e for e in entries if e['h'] == 'RollbackCallback.roll_back').items()
+    assert any(e['u'] == 'index.html#use' for e in entries)
+    for page in out.glob('*.html'): assert '<script src="search_index.js"></script>' in page.read_text()
 
 def test_placeholders_filled(tmp_path, monkeypatch):
     import readme
@@ -51,10 +158,10 @@ def test_placeholders_filled(tmp_path, monkeypatch):
     monkeypatch.setattr(readme, 'results_dir', res)
     nbs, out = tmp_path/'nbs', tmp_path/'out'; nbs.mkdir()
     write_nb(nbs/'index.ipynb', new_markdown_cell('# Home\n\n> the site'), new_markdown_cell('Market in {{bench.market.library_ms:.1f}} ms'))
-    assert docs.build(nbs, out, site='t', log=lambda *a: None) == []
+    assert docs.build(nbs, out, site='t', log=quiet) == []
     assert 'Market in 12.3 ms' in (out/'index.html').read_text()
     write_nb(nbs/'index.ipynb', new_markdown_cell('{{bench.market.gpu_ms}}'))
-    with pytest.raises(SystemExit, match='bench.market.gpu_ms'): docs.build(nbs, out, site='t', log=lambda *a: None)
+    with pytest.raises(SystemExit, match='bench.market.gpu_ms'): docs.build(nbs, out, site='t', log=quiet)
 
 def test_broken_links_are_caught(tmp_path):
     nbs, out = tmp_path/'nbs', tmp_path/'out'
@@ -65,10 +172,10 @@ def test_broken_links_are_caught(tmp_path):
     write_nb(nbs/'01_guide.ipynb', new_markdown_cell('# Guide'), new_markdown_cell('## Step two\n\n[back](index.ipynb#nowhere)'),
              new_markdown_cell('[gone](02_gone.ipynb) ![gone](images/b.png) [here](#step-two) [not here](#step-three)'),
              new_code_cell('#| echo: false\n1+1'))
-    bad = docs.build(nbs, out, site='t', log=lambda *a: None)
+    bad = docs.build(nbs, out, site='t', log=quiet)
     assert sorted(bad) == ['guide.html: #step-three (no anchor #step-three in guide.html)',
                            'guide.html: 02_gone.ipynb (no such page or file)',
                            'guide.html: images/b.png (no such page or file)',
                            'guide.html: index.html#nowhere (no anchor #nowhere in index.html)']
     res = subprocess.run([sys.executable, str(root/'.ci'/'docs.py'), '--nbs', str(nbs), '--out', str(out)], capture_output=True, text=True)
-    assert res.returncode == 1 and '4 broken link(s)' in res.stderr and 'guide.html: 02_gone.ipynb' in res.stderr
+    assert res.returncode == 1 and '4 problem(s)' in res.stderr and 'guide.html: 02_gone.ipynb' in res.stderr

@@ -3,6 +3,7 @@ import os, pickle, pytest, torch
 from pathlib import Path
 from torch import nn
 from torchvision.models import get_model, ResNet18_Weights
+from fastreid_rollback.backbones import *
 from fastreid_rollback.model import *
 
 
@@ -113,7 +114,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="neck='fancy'"): create_reid_model('resnet18', n_ids=3, neck='fancy')
     with pytest.raises(ValueError, match="no module 'layer5' for block 'layer5'"):
         create_reid_model(get_model('resnet18'), n_ids=3, blocks=['layer1', 'layer5'])
-    with pytest.raises(ValueError, match='pretrained=True needs a torchvision arch'):
+    with pytest.raises(ValueError, match='pretrained=True needs an architecture name'):
         create_reid_model(nn.Sequential(nn.Conv2d(3, 4, 3)), n_ids=3, blocks=['0'], pretrained=True)
     with pytest.raises(ValueError, match='expected a ReIDModel'): reid_splitter(nn.Linear(2, 2))
 
@@ -146,7 +147,8 @@ def test_model_from_parts_and_older_form():
 def test_torchvision_module_backbone():
     tv = get_model('resnet18', weights=None)
     m = create_reid_model(tv, n_ids=5, neck='bnneck')
-    assert m.block_names[0] == 'stem' and m.feat_dim == 512 and isinstance(m.backbone.fc, nn.Identity)
+    assert m.block_names == ['stem', 'layer1', 'layer2', 'layer3', 'layer4'] and m.feat_dim == 512 and m.backbone.layer4 is tv.layer4
+    assert not hasattr(m.backbone, 'fc') and list(m.backbone.state_dict()) == [k for k in tv.state_dict() if not k.startswith('fc.')]
     assert m.features(torch.randn(2, 3, 64, 32)).shape == (2, 512)
 
 
@@ -183,12 +185,14 @@ def test_wrappers_and_syncbn():
     assert torch.equal(s.backbone.layer1[0].bn1.running_var, m.backbone.layer1[0].bn1.running_var)
 
 
-def test_splitter_keeps_unassigned_params_with_head():
+def test_splitter_puts_pool_params_with_head():
+    "Every backbone tensor is in one block; the GeM exponent (outside the backbone) trains with the head"
     body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3))
-    m = create_reid_model(body, n_ids=3, blocks=['0', '2'])
+    with pytest.raises(ValueError, match=r"no block: \['1.weight', '1.bias', '1.running_mean'"): create_reid_model(body, n_ids=3, blocks=['0', '2'])
+    m = create_reid_model(body, n_ids=3, blocks={'low': ['0', '1'], 'high': ['2']}, pool='gem')
     groups = reid_splitter(m)
-    assert len(groups) == 3 and groups[0] == list(body[0].parameters()) and groups[1] == list(body[2].parameters())
-    assert {id(p) for p in body[1].parameters()} <= {id(p) for p in groups[2]}
+    assert len(groups) == 3 and groups[0] == list(body[:2].parameters()) and groups[1] == list(body[2].parameters())
+    assert groups[2] == [m.pool.p, *m.head.parameters()]
     assert sum(map(len, groups)) == len(list(m.parameters()))
 
 
