@@ -430,7 +430,6 @@ def main(argv=None):
                               "the largest over the settings; the budget's max_period when a setting does not converge within it"}
         print(f"{n}: period rule {got} -> {periods[n]['epochs']} epochs per period" + ('' if ok else f" (NOT converged: the budget's cap; minutes a converged study of this source needs: {periods[n]['minutes_a_converged_study_needs']})"), flush=True)
     tick('probe', t0)
-    plot_period_rule(curves, periods, images/('evidence_small_period_rule.png' if a.small else 'evidence_period_rule.png'))
     print(f"estimated time of the study from here: {sum(cost(periods[n]['epochs'], cfg, timing, [n], probe=False) for n in names)/(0.9*a.workers)/60:.1f} min", flush=True)
 
     t0 = time.perf_counter()
@@ -472,7 +471,10 @@ def main(argv=None):
     common = {'config': {**cfg, 'sources': srcs, 'workers': a.workers, 'budget_min': budget_s/60, 'sources_run': names}, 'timings_s': times,
               'torch_threads_per_run': 1, 'machine': {'cpus': os.cpu_count(), 'torch': torch.__version__, 'python': platform.python_version()}}
     for d in docs.values(): d.update(config=common['config'], timings_s=times)
-    write_json(merge_previous(docs, common, out), out)
+    doc = merge_previous(docs, common, out)
+    write_json(doc, out)
+    periods = {n: d['period_len'] for n, d in doc['sources'].items()}   # the sources of earlier runs too
+    plot_period_rule({n: p['curve'] for n, p in periods.items()}, periods, images/('evidence_small_period_rule.png' if a.small else 'evidence_period_rule.png'))
     for n, d in docs.items():
         print(f"\n== {n} ({d['arch']} {d['size'][0]}x{d['size'][1]}): {d['epochs_per_period']} epochs per period x {cfg['n_periods']}; "
               f"zero-shot mAP {d['zero_shot_mAP']:.3f} (random init {d['random_init_zero_shot_mAP']:.3f}); pretraining gain {d['pretraining_gain']['mean']:+.3f}")
