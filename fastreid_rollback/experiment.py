@@ -4,9 +4,10 @@
 
 # %% ../nbs/06_experiment.ipynb #b9f65b3e
 from __future__ import annotations
-import os, json, time, hashlib, tempfile
+import os, copy, json, time, shutil, hashlib, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
+from torch import nn
 from fastcore.foundation import L
 from torchvision.models import get_model_weights
 from fastcore.basics import store_attr
@@ -16,7 +17,7 @@ from fastai.learner import Learner
 from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
-from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules
+from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules, block_names
 from .backbones import weights_cache_file, load_state_file, rollback_cache, _check_keys
 from .learner import reid_learner, ReIDEvalCallback, in_validation
 from .metrics import _check_int
@@ -26,8 +27,9 @@ from .distributed import ddp_ctx  # `Learner.ddp_ctx`
 # %% auto #0
 __all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'source_backbone',
            'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid',
-           'train_arm', 'compare_rollback', 'results_table', 'EpochLosses', 'run_record', 'block_weight_change',
-           'plateau_epoch', 'paired_difference', 'decide', 'plot_losses', 'save_report']
+           'train_arm', 'compare_rollback', 'fork_run', 'results_table', 'EpochLosses', 'run_record',
+           'block_weight_change', 'PeriodWeightChange', 'plateau_epoch', 'converged_period', 'paired_difference',
+           'decide', 'plot_losses', 'save_report']
 
 # %% ../nbs/06_experiment.ipynb #87c74842
 def imagenet_weights_available(arch:str='resnet50', # torchvision architecture name
@@ -151,11 +153,12 @@ class CheckpointCallback(Callback):
     def before_train(self): self.ran = True
 
     def history(self) -> dict:
-        "Training time, roll-back events and block gradients of the whole run so far, the resumed part included"
+        "Training time, roll-back events and block gradients (both measures) of the whole run so far, the resumed part included"
         prev,rb,gs = self.resumed or {},self._cb(RollbackCallback),self._cb(BlockGradStats)
         return dict(train_time_s=prev.get('train_time_s', 0.) + time.perf_counter() - self.t0,
                     rollback_events=prev.get('rollback_events', []) + (getattr(rb, 'events', []) if rb else []),
-                    block_grads=prev.get('block_grads', []) + (getattr(gs, 'records', []) if gs else []))
+                    block_grads=prev.get('block_grads', []) + (getattr(gs, 'records', []) if gs else []),
+                    block_rel_grads=prev.get('block_rel_grads', []) + (getattr(gs, 'rel_records', []) if gs else []))
 
     def after_epoch(self):
         if not self.ran: return  # an epoch skipped by `fit(..., start_epoch=...)`
@@ -190,6 +193,7 @@ def _carry_on(learn, resumed:dict, rollback, grads):
     "Put the roll-backs and block gradients of the run that `resumed` checkpointed before those of the fit that continued it"
     rollback.events[:0] = resumed.get('rollback_events', [])   # in place: `learn.recorder.rollback_events` is this list
     grads.records[:0] = resumed.get('block_grads', [])
+    grads.rel_records[:0] = resumed.get('block_rel_grads', [])
     grads.rollback_epochs = [ev['epoch'] for ev in rollback.events]
     if hasattr(learn, 'recorder'): learn.recorder.block_grads,learn.recorder.rollback_epochs = grads.df,grads.rollback_epochs
 
@@ -208,13 +212,19 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                eval_every:int=None, # ReID metrics in the progress table every this many epochs (default: each period end)
                restore:bool=True, # roll back to the pre-trained weights; False: the control (same schedule, no weights copied)
                meta:dict=None, # plain values stored in every checkpoint besides the run's own (e.g. the input size)
+               keep:list=None, # `RollbackCallback`: per period boundary, the blocks that keep their weights (default: `default_keep`)
+               kept_lr_mult:float=0.1, # `RollbackCallback`: LR multiplier of the kept blocks after period 1
+               head_lr_mult:float=10., # `RollbackCallback`: LR multiplier of the head in period 1
+               reset_opt:bool|str=True, # `RollbackCallback`: True a fresh optimizer at each boundary, 'rolled_back' or False
+               sched:str='step', # `RollbackCallback`: within-period schedule, 'step', 'one_cycle' or `f(lrs) -> f(pos)`
                **learner_kwargs, # passed to `reid_learner`
               ) -> ReIDRun:
     "Train a `reid_learner` with the rolling-back schedule (or the baseline, `n_periods=1`) and evaluate it"
     set_seed(seed)
     learn = reid_learner(dls, arch=arch, pretrained=pretrained, **learner_kwargs)
     if fp16: learn.to_fp16()
-    rollback, grads = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period, restore=restore), BlockGradStats()
+    sched_kw = dict(keep=keep, kept_lr_mult=kept_lr_mult, head_lr_mult=head_lr_mult, reset_opt=reset_opt, sched=sched)
+    rollback, grads = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period, restore=restore, **sched_kw), BlockGradStats()
     evals = ReIDEvalCallback(every=eval_every or epochs_per_period)
     cbs = [rollback, grads, SeedEachEpoch(seed), evals]
     start,resumed = 0,None
@@ -223,7 +233,8 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
     if resume and not (ckpt/'last.pth').is_file(): raise FileNotFoundError(f"nothing to resume: {ckpt/'last.pth'} does not exist (train without resume to start a run)")
     with learn.ddp_ctx():  # launched on several processes: data-parallel, model and data on this process's device from here
         if ckpt is not None:
-            run = dict(arch=arch if isinstance(arch, str) else type(arch).__name__, n_ids=dls.n_ids, n_periods=n_periods, epochs_per_period=epochs_per_period)
+            run = dict(arch=arch if isinstance(arch, str) else type(arch).__name__, n_ids=dls.n_ids, n_periods=n_periods, epochs_per_period=epochs_per_period,
+                       **{k:v for k,v in sched_kw.items() if not callable(v)})
             if resume:
                 resumed = load_checkpoint(learn, ckpt/'last.pth', expect=run)
                 start = resumed['epoch'] + 1
@@ -258,10 +269,21 @@ def compare_rollback(dls, # `reid_dls` DataLoaders (with query and gallery)
                      out:str|Path=None, # folder for the checkpoints: each arm writes its own, `out/arm/checkpoints`
                      **kwargs, # passed to `train_reid` (arch, pretrained, lr, seed, ...)
                     ) -> dict: # {arm: ReIDRun}
-    "Train the one-period baseline and the rolling-back schedule (and the control) for the same total epochs"
+    "Train the one-period baseline and the rolling-back schedule (and the control) for the same total epochs, each arm its own model"
     bad = [a for a in arms if a not in arm_names]
     if bad or not arms: raise ValueError(f"arms must be some of {arm_names}, got {arms!r}")
-    return {a: train_arm(dls, a, n_periods, epochs_per_period, out=None if out is None else Path(out)/a, **kwargs) for a in arms}
+    arch = kwargs.pop('arch', 'resnet50')
+    own = lambda: copy.deepcopy(arch) if isinstance(arch, nn.Module) else arch   # a body module is copied: no arm trains another's weights
+    return {a: train_arm(dls, a, n_periods, epochs_per_period, arch=own(), out=None if out is None else Path(out)/a, **kwargs) for a in arms}
+
+def fork_run(ckpt:str|Path, # a checkpoint of another run (e.g. its `period1.pth`)
+             out:str|Path, # folder of the new run, which then trains with `train_reid(out=out, resume=True)`
+            ) -> Path: # the new run's `last.pth`
+    "Start the run in `out` from `ckpt`: runs that share their first epochs (the control and rolling back share period 1) train them once"
+    if not Path(ckpt).is_file(): raise FileNotFoundError(f"ckpt={str(ckpt)!r}: no such checkpoint")
+    dest = Path(out)/'checkpoints'/'last.pth'
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(dest, lambda f: f.write(Path(ckpt).read_bytes()))
 
 def results_table(runs:dict, # {name: ReIDRun}
                   extra:dict=None, # more rows: {name: metrics dict}, e.g. a `period_end` evaluation's `as_dict()`
@@ -284,13 +306,16 @@ class EpochLosses(Callback):
 
 def run_record(run:ReIDRun, # a finished run
                losses:EpochLosses=None, # its per-epoch losses, if recorded
+               changes:PeriodWeightChange=None, # its weight change per period, if recorded
               ) -> dict:
-    "A JSON-ready record of `run`: final metrics, metrics at each evaluation, per-epoch losses and block gradients"
+    "A JSON-ready record of `run`: final metrics, metrics at each evaluation, per-epoch losses, block gradients (both measures) and weight changes"
     return {**run.as_dict(), 'rollback_epochs': run.rollback_epochs,
             'evals': {int(e): r.as_dict() for e,r in sorted(run.evals.items())},
             'epoch_loss': list(losses.losses) if losses is not None else None,
             'block_grads': {c: run.grads.df[c].tolist() for c in run.grads.df.columns},
-            'weight_change': block_weight_change(run.learn.model)}
+            'block_rel_grads': {c: run.grads.rel_df[c].tolist() for c in run.grads.rel_df.columns},
+            'weight_change': block_weight_change(run.learn.model),
+            'period_weight_change': dict(changes.changes) if changes is not None else None}
 
 def block_weight_change(model) -> dict: # {block: relative change}, empty without a pre-trained state
     "How far each block's weights moved from the pre-trained state: `||w - w0|| / ||w0||` over its parameters"
@@ -308,6 +333,26 @@ def _block_params(m, n):
     "`(state key, parameter)` of block `n` (no buffers)"
     return [(f'{p}.{k}', v) for p,mod in zip(m.blocks[n], block_modules(m, n)) for k,v in mod.named_parameters()]
 
+def _rel_change(new:list, old:list) -> float:
+    "`||new - old|| / ||old||` over lists of tensors"
+    return float(torch.sqrt(sum(((a.float()-b.float())**2).sum() for a,b in zip(new, old))) / torch.sqrt(sum((b.float()**2).sum() for b in old)))
+
+class PeriodWeightChange(Callback):
+    "Record how far each block's weights move within each window of `every` epochs (a period): `||w_end - w_start|| / ||w_start||`"
+    order,run_valid = RollbackCallback.order+1,False   # the window starts after the roll-back
+    def __init__(self, every:int, # epochs per window: the period length (a baseline is cut into the same windows)
+                ): _check_int(every, 'every', 1); store_attr(); self.changes,self.start = {},None
+    def _weights(self):
+        m = unwrap_model(self.model)
+        return {n: [p.detach().cpu().clone() for _,p in _block_params(m, n)] for n in block_names(m)}
+    def before_train(self):
+        if not in_validation(self.learn) and self.epoch % self.every == 0: self.start = self._weights()
+    def after_epoch(self):
+        if in_validation(self.learn) or self.start is None or (self.epoch+1) % self.every: return
+        now = self._weights()
+        self.changes[(self.epoch+1)//self.every] = {n: _rel_change(now[n], w) for n,w in self.start.items()}
+        self.start = None
+
 def plateau_epoch(losses, # the mean training loss of each epoch at a constant LR
                   frac:float=0.1, # the plateau starts where the loss is within `frac` of its whole fall
                  ) -> int: # epochs needed to reach the plateau
@@ -315,6 +360,20 @@ def plateau_epoch(losses, # the mean training loss of each epoch at a constant L
     l = np.asarray(losses, dtype=float)
     if l.ndim != 1 or len(l) < 2: raise ValueError(f"losses: expected the losses of at least 2 epochs, got {losses!r}")
     return int(np.argmax(l <= l.min() + frac*(l[0] - l.min()))) + 1
+
+def converged_period(val_mAP, # validation mAP after each epoch (epoch 1 first), training at one constant LR
+                     losses, # mean training loss of the same epochs
+                     tol:float=0.01, # the mAP at P must be within `tol` of the mAP at 2P
+                     loss_tol:float=0.05, # the loss must change by less than this fraction of its first epoch's value over the last quarter of the P epochs
+                     min_period:int=2, # the smallest P considered
+                    ) -> int|None: # the first P that passes; None when none with 2P <= len(val_mAP) does
+    "The first P at which training has converged: mAP at P within `tol` of mAP at 2P, and the loss flat over the last quarter of the P epochs"
+    m,l = np.asarray(val_mAP, dtype=float),np.asarray(losses, dtype=float)
+    if m.ndim != 1 or m.shape != l.shape: raise ValueError(f"val_mAP and losses: expected one value per epoch for the same epochs, got {m.shape} and {l.shape}")
+    for P in range(max(min_period, 2), len(m)//2 + 1):
+        q = -(-P//4)   # a quarter, at least one epoch: the mean loss of the last quarter against that of the quarter before
+        if abs(m[2*P-1] - m[P-1]) <= tol and abs(l[P-q:P].mean() - l[P-2*q:P-q].mean()) < loss_tol*abs(l[0]): return P
+    return None
 
 # %% ../nbs/06_experiment.ipynb #724f9e6c
 decision_rule = ("Per setting, on mAP, paired by seed (d = rollback - other arm, one per seed, >= 3 seeds): rolling back is better than an arm "

@@ -270,36 +270,39 @@ def fit_rollback(self:Learner, epochs_per_period:int, # epochs of each period
     self.fit(n_periods*epochs_per_period, 0.01 if lr is None else lr, wd=wd, cbs=L(cbs)+[cb], start_epoch=start_epoch)
 
 # %% ../nbs/05_rollback.ipynb #3d3294f3
-def _sq_sum(params, device):
-    "Sum of the squared gradients of `params` (a 0-d float32 tensor on `device`)"
-    gs = [p.grad.detach() for p in params if p.grad is not None]
-    if not gs: return torch.zeros((), device=device)
-    return torch.stack([torch.linalg.vector_norm(g).float() for g in gs]).square().sum()
+def _sq_sum(ts, device):
+    "Sum of the squares of the tensors `ts` (a 0-d float32 tensor on `device`)"
+    if not ts: return torch.zeros((), device=device)
+    return torch.stack([torch.linalg.vector_norm(t.detach()).float() for t in ts]).square().sum()
 
 class BlockGradStats(Callback):
-    "Record, per epoch and per block (and the head), the mean squared gradient of the block's parameters"
+    "Record, per epoch and per block (and the head), the mean squared gradient of the block's parameters and its gradient norm relative to its weight norm"
     order,run_valid = MixedPrecision.order+1,False
     def before_fit(self):
         if in_validation(self.learn): return
         self.names = block_names(self.model) + ['head']
         self.params = reid_splitter(self.model)
         self.numel = torch.tensor([float(sum(p.numel() for p in ps)) or 1. for ps in self.params])
-        self.records,self.rollback_epochs = [],[]
+        self.records,self.rel_records,self.rollback_epochs = [],[],[]
 
     def before_epoch(self):
-        if not in_validation(self.learn): self.sums,self.n = None,0
+        if not in_validation(self.learn): self.sums,self.rels,self.n = None,None,0
 
     def before_step(self):
-        "Accumulate the sum of squared gradients of each block (gradients already unscaled under `MixedPrecision`)"
+        "Accumulate each block's sum of squared gradients and `||g|| / ||w||` (gradients already unscaled under `MixedPrecision`)"
         g0 = next((p.grad for ps in self.params for p in ps if p.grad is not None), None)
         if g0 is None: return
-        sq = torch.stack([_sq_sum(ps, g0.device) for ps in self.params])
-        self.sums = sq if self.sums is None else self.sums + sq
+        live = [[p for p in ps if p.grad is not None] for ps in self.params]
+        sq = torch.stack([_sq_sum([p.grad for p in ps], g0.device) for ps in live])
+        rel = (sq/torch.stack([_sq_sum(ps, g0.device) for ps in live]).clamp_min(1e-30)).sqrt()
+        self.sums,self.rels = (sq,rel) if self.sums is None else (self.sums+sq,self.rels+rel)
         self.n += 1
 
     def after_epoch(self):
         if in_validation(self.learn): return
-        if self.n: self.records.append([self.epoch] + (self.sums.cpu()/(self.numel*self.n)).tolist())
+        if self.n:
+            self.records.append([self.epoch] + (self.sums.cpu()/(self.numel*self.n)).tolist())
+            self.rel_records.append([self.epoch] + (self.rels.cpu()/self.n).tolist())
         rb = [cb for cb in self.learn.cbs if isinstance(cb, RollbackCallback)]
         if rb: self.rollback_epochs = [ev['epoch'] for ev in getattr(rb[0], 'events', [])]
 
@@ -310,6 +313,11 @@ class BlockGradStats(Callback):
     def df(self):
         "Mean squared gradient per epoch (rows) and block (columns)"
         return pd.DataFrame(self.records, columns=['epoch']+self.names).set_index('epoch')
+
+    @property
+    def rel_df(self):
+        "Gradient norm over weight norm, `||g|| / ||w||`, mean over the epoch's steps, per epoch (rows) and block (columns): comparable across blocks of any size"
+        return pd.DataFrame(self.rel_records, columns=['epoch']+self.names).set_index('epoch')
 
     def plot(self, ax=None):
         "Plot the recorded block gradients, roll-backs marked"

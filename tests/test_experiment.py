@@ -1,12 +1,16 @@
 "Tests of the study pieces of `fastreid_rollback.experiment`: the cached source backbone, the arms, the records, the decision rule."
-import json, os, stat, warnings
-import pytest, torch
+import inspect, json, os, stat, warnings
+import numpy as np, pytest, torch
+from torch import nn
+from torchvision.models import resnet18
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
 from fastreid_rollback.model import ReIDModel, save_backbone
-from fastreid_rollback.test_utils import make_pretrained
-from fastreid_rollback.experiment import (read_checkpoint, source_backbone, rollback_cache, train_arm, compare_rollback, arm_names, run_record,
-                                          EpochLosses, paired_difference, decide, plateau_epoch, block_weight_change)
+from fastreid_rollback.test_utils import make_pretrained, StopAfter
+from fastreid_rollback.rollback import RollbackCallback
+from fastreid_rollback.experiment import (read_checkpoint, source_backbone, rollback_cache, train_arm, train_reid, compare_rollback, arm_names, run_record,
+                                          EpochLosses, paired_difference, decide, plateau_epoch, block_weight_change, fork_run, PeriodWeightChange,
+                                          converged_period)
 
 torch.set_num_threads(1)
 TINY = dict(n_ids=6, n_cams=2, imgs_per_id_cam=1, epochs=1, bs=4)
@@ -69,6 +73,82 @@ def test_compare_rollback_arms_keep_their_checkpoints(small, tmp_path):
     assert {a: (m['n_periods'], m['epochs_per_period']) for a, m in metas.items()} == {'baseline': (1, 2), 'rollback': (2, 1)}
     assert sorted(p.name for p in tmp_path.iterdir()) == ['baseline', 'rollback']
     with pytest.raises(ValueError, match='finetune'): compare_rollback(dls, arms=('baseline', 'finetune'))
+
+def same_state(a, b): return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def test_compare_rollback_module_body_per_arm(small, tmp_path):
+    "Given a body module, every arm trains its own copy: each run's model holds the weights that arm trained, the caller's module is untouched"
+    dls, weights = small
+    body = resnet18(); body.fc = nn.Identity()
+    given = {k: v.clone() for k, v in body.state_dict().items()}
+    runs = quiet(compare_rollback, dls, n_periods=2, epochs_per_period=1, arms=arm_names, arch=body, pretrained=weights, out=tmp_path)
+    bbs = [r.learn.model.backbone for r in runs.values()]
+    assert all(b is not body for b in bbs) and len({id(p) for b in bbs for p in b.parameters()}) == 3*len(list(body.parameters()))
+    for a, r in runs.items():   # the weights each arm's own last checkpoint saved
+        assert same_state(r.learn.model.state_dict(), read_checkpoint(tmp_path/a/'checkpoints'/'last.pth')['model']), a
+    assert same_state(body.state_dict(), given)
+    wc = {a: r.learn.model.state_dict()['backbone.layer4.1.conv2.weight'] for a, r in runs.items()}
+    assert not torch.equal(wc['baseline'], wc['rollback']) and not torch.equal(wc['control'], wc['rollback'])
+
+def test_train_reid_passes_rollback_settings(small):
+    "keep, kept_lr_mult, head_lr_mult, reset_opt and sched reach the RollbackCallback; their defaults are its defaults"
+    dls, weights = small
+    kw = dict(keep=[['stem', 'layer1']], kept_lr_mult=0.5, head_lr_mult=3., reset_opt='rolled_back', sched='one_cycle')
+    run = quiet(train_reid, dls, arch='resnet18', pretrained=weights, n_periods=2, epochs_per_period=1, **kw)
+    assert {k: getattr(run.rollback, k) for k in kw} == kw
+    assert run.rollback.events[0]['kept'] == ['stem', 'layer1'] and run.rollback.events[0]['rolled_back'] == ['layer2', 'layer3', 'layer4']
+    lrs = run.rollback.lr_df.groupby('epoch').max()   # one_cycle: the peak of each period is the period's LR
+    assert lrs.loc[0, 'head'] == pytest.approx(3*lrs.loc[0, 'layer4']) and lrs.loc[1, 'layer1'] == pytest.approx(0.5*lrs.loc[1, 'layer4'])
+    sig = lambda f: inspect.signature(f).parameters
+    assert all(sig(train_reid)[k].default == sig(RollbackCallback)[k].default for k in kw)
+
+def test_fork_run_from_period1_bitwise(small, tmp_path):
+    "Period 1 trained once; the control and rolling back resumed from its checkpoint end bit-identical to their uninterrupted runs"
+    dls, weights = small
+    kw = dict(n_periods=2, epochs_per_period=1, arch='resnet18', pretrained=weights, seed=3)
+    changes = PeriodWeightChange(1)
+    p1 = quiet(train_arm, dls, 'rollback', out=tmp_path/'p1', cbs=[StopAfter(1), changes], **kw)
+    assert list(changes.changes) == [1] and sorted(p1.evals) == [0]
+    for arm in ('control', 'rollback'):
+        full = quiet(train_arm, dls, arm, **kw)
+        assert fork_run(tmp_path/'p1'/'checkpoints'/'period1.pth', tmp_path/arm) == tmp_path/arm/'checkpoints'/'last.pth'
+        cont = quiet(train_arm, dls, arm, out=tmp_path/arm, resume=True, **kw)
+        assert same_state(cont.learn.model.state_dict(), full.learn.model.state_dict()), arm
+        assert cont.result.as_dict() == full.result.as_dict() and cont.rollback_epochs == full.rollback_epochs == [1]
+        assert cont.grads.df.equals(full.grads.df) and cont.grads.rel_df.equals(full.grads.rel_df)   # period 1 carried from the checkpoint
+        assert p1.evals[0].as_dict() == full.evals[0].as_dict()
+    with pytest.raises(FileNotFoundError, match='ckpt='): fork_run(tmp_path/'none.pth', tmp_path/'x')
+
+def test_period_weight_change(small):
+    "Per period, how far each block moved from where the period started: the rolled-back blocks from the pre-trained state"
+    dls, weights = small
+    runs = {}
+    for arm in ('control', 'rollback'):
+        ch = PeriodWeightChange(1)
+        runs[arm] = (quiet(train_arm, dls, arm, n_periods=2, epochs_per_period=1, arch='resnet18', pretrained=weights, cbs=[ch]), ch)
+    (c, cc), (r, rc) = runs['control'], runs['rollback']
+    assert sorted(cc.changes) == sorted(rc.changes) == [1, 2] and cc.changes[1] == rc.changes[1]   # period 1 is shared
+    assert rc.changes[2]['layer4'] == pytest.approx(block_weight_change(r.learn.model)['layer4'])   # layer4 restarted from the pre-trained state
+    assert rc.changes[2]['stem'] != pytest.approx(block_weight_change(r.learn.model)['stem'])       # the stem was kept
+    assert all(v > 0 for v in cc.changes[2].values())
+    rec = run_record(r, changes=rc)
+    assert rec['period_weight_change'] == rc.changes and list(rec['block_rel_grads']) == list(rec['block_grads'])
+    json.dumps(rec)
+    with pytest.raises(ValueError, match='every'): PeriodWeightChange(0)
+
+def test_converged_period():
+    e = np.arange(1, 41)
+    mAP, loss = 0.7*(1 - np.exp(-e/4)), 2*np.exp(-e/2) + 0.5
+    P = converged_period(mAP, loss)
+    flat = lambda l, p: abs(l[p-(-(-p//4)):p].mean() - l[p-2*(-(-p//4)):p-(-(-p//4))].mean()) < 0.05*l[0]
+    assert P is not None and abs(mAP[2*P-1] - mAP[P-1]) <= 0.01 and flat(loss, P)
+    assert all(abs(mAP[2*p-1] - mAP[p-1]) > 0.01 or not flat(loss, p) for p in range(2, P))   # none earlier passes both
+    assert converged_period([.1, .5, .5, .5], [1., .99, .98, .98]) == 2    # mAP(2) = mAP(4); loss 1 -> 0.99 over the last quarter (epoch 2)
+    assert converged_period([.1, .5, .5, .5], [3., 2., 1., .98]) is None    # the loss falls by a third of its first value in epoch 2
+    assert converged_period([.1, .2, .3, .4, .5, .6], [1.]*6) is None        # mAP still rising
+    assert converged_period(np.full(40, .5), 3*np.exp(-np.arange(1, 41)/10)) is None   # loss still falling
+    assert converged_period(mAP[:2*P-1], loss[:2*P-1]) is None               # too short to see the mAP at 2P
+    with pytest.raises(ValueError, match='same epochs'): converged_period([.1, .2], [1.])
 
 def test_block_weight_change(tmp_path):
     m = ReIDModel('resnet18', n_ids=2, pretrained=save_backbone(ReIDModel('resnet18', n_ids=2), tmp_path/'b.pth'))

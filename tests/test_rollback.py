@@ -299,6 +299,17 @@ class GradProbe(Callback):
         v = [sum(float((p.grad.double()**2).sum()) for p in g)/sum(p.numel() for p in g) for g in groups]
         self.rows.setdefault(self.epoch, []).append(v)
 
+class RelGradProbe(GradProbe):
+    "Gradient norm over weight norm per block, computed independently, at `before_step` (the weights the gradients are for)"
+    def before_step(self):
+        m = self.model
+        groups = [[p for mod in block_modules(m, n) for p in mod.parameters()] for n in BLOCKS]
+        inb = {id(p) for g in groups for p in g}
+        groups.append([p for p in m.parameters() if id(p) not in inb])
+        norm = lambda ts: sum(float((t.double()**2).sum()) for t in ts)**0.5
+        self.rows.setdefault(self.epoch, []).append([norm([p.grad for p in g])/norm(g) for g in groups])
+    def after_step(self): pass
+
 def test_block_grad_stats(pre_fn, tmp_path):
     learn = tiny_learner(pre_fn, tmp_path)
     gs,gp = BlockGradStats(), GradProbe()
@@ -311,6 +322,15 @@ def test_block_grad_stats(pre_fn, tmp_path):
     assert ax.get_yscale() == 'log' and [l.get_xdata()[0] for l in ax.get_lines() if l.get_label() == 'roll-back'] == [1.5]
     ax = learn.recorder.plot_group_lrs()
     assert ax.get_yscale() == 'log'
+
+def test_block_grad_stats_relative(pre_fn, tmp_path):
+    "The size-fair measure: per block, the mean over the epoch's steps of ||g|| / ||w||"
+    learn = tiny_learner(pre_fn, tmp_path)
+    gs,gp = BlockGradStats(), RelGradProbe()
+    fit(learn, 4, 0.01, cbs=[RollbackCallback(n_periods=2), gs, gp])
+    exp = np.array([np.mean(gp.rows[e], axis=0) for e in range(4)])
+    np.testing.assert_allclose(gs.rel_df.values, exp, rtol=1e-4)
+    assert list(gs.rel_df.columns) == BLOCKS+['head'] and list(gs.rel_df.index) == [0, 1, 2, 3]
 
 def test_pretrained_state_given(pre_fn, tmp_path):
     "A state dict or a file (block states or backbone state dict) overrides the model's pre-trained state"
