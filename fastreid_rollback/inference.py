@@ -309,10 +309,13 @@ def _faiss_feats(f:Tensor, dist:str) -> np.ndarray:
     f = f.float().cpu()
     return np.ascontiguousarray((F.normalize(f, dim=1) if dist == 'cosine' else f).numpy())
 
+def _faiss_reason(e) -> str:
+    "The reason in a FAISS error, without the C++ function and file it was raised in"
+    return re.split(r"failed: |\.cpp:\d+: ", str(e).strip().splitlines()[0])[-1]
+
 def _faiss_error(factory:str, n:int, reason) -> ValueError:
     "The one-line error for a `faiss_factory` FAISS cannot make an index of `n` features with, saying what would work"
-    reason = re.split(r"failed: |\.cpp:\d+: ", str(reason).strip().splitlines()[0])[-1]
-    return ValueError(f"faiss_factory={factory!r}: FAISS cannot index the {n} gallery features with it ({reason}); 'Flat' searches "
+    return ValueError(f"faiss_factory={factory!r}: FAISS cannot index the {n} gallery features with it ({_faiss_reason(reason)}); 'Flat' searches "
                       f"exactly any gallery, 'IVF<lists>,Flat' approximately with at most {n} lists (FAISS advises 39 images per list or more)")
 
 def _ivf(index):
@@ -531,7 +534,8 @@ def load(cls:ReIDIndex, fname, # a file written by `ReIDIndex.save`
     if pred.fingerprint != meta.get('fingerprint'): raise ValueError(
         f"index {str(fname)!r} was built with another model (fingerprint {meta.get('fingerprint', '')[:12]}, file {meta.get('model')!r}) "
         f"than {str(pred.path or 'the given predictor')!r} (fingerprint {pred.fingerprint[:12]}): build the index again with this model")
-    fi = _faiss().deserialize_index(t['faiss'].numpy()) if 'faiss' in t else None
+    try: fi = _faiss().deserialize_index(t['faiss'].numpy()) if 'faiss' in t else None
+    except RuntimeError as e: raise ValueError(f"index {str(fname)!r}: its FAISS index cannot be read ({_faiss_reason(e)}): build the index again") from None
     return cls(pred, _decode_paths(t['paths']), t['feats'], t.get('pids'), t.get('camids'), meta['dist'], meta['backend'], fi, meta['faiss_factory'])
 
 # %% ../nbs/09_inference.ipynb #60c7a405

@@ -296,3 +296,13 @@ def test_written_files_get_the_umask_mode(untrained, df, tmp_path, umask):
         files += [ReIDIndex.build(untrained, g).save(tmp_path/'g.idx'), ReIDIndex.build(untrained, g, backend='faiss').save(tmp_path/'f.idx')]
     finally: os.umask(old)
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+
+def test_damaged_faiss_index_in_a_saved_index(untrained, df, tmp_path):
+    "A saved index whose FAISS part cannot be read says so in one line naming the file, not FAISS's raw RuntimeError"
+    from fastreid_rollback.inference import _read_tensors, _write_tensors
+    fn = ReIDIndex.build(untrained, gallery_of(df).iloc[:5], backend='faiss').save(tmp_path/'f.idx')
+    t,meta = _read_tensors(fn, 'index')
+    _write_tensors(tmp_path/'bad.idx', {**t, 'faiss': t['faiss'][:40].clone()}, 'index',
+                   **{k: v for k,v in meta.items() if k not in ('format', 'format_version', 'library_version')})
+    with pytest.raises(ValueError, match=r"index '.*bad.idx': its FAISS index cannot be read \(.*\): build the index again"):
+        ReIDIndex.load(tmp_path/'bad.idx', model=untrained)
