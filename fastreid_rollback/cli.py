@@ -177,13 +177,13 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
              aqe:store_true=False, # also the metrics after average query expansion (with --rerank: re-ranking after it)
             ):
     "CMC, mAP and mINP of a saved model on the query/gallery of a dataset (also after AQE and re-ranking when asked)"
+    if model is None: raise ValueError("--model is required: a model file written by train (out/model.pth) or a checkpoint")
+    if not Path(model).is_file(): raise FileNotFoundError(f"--model {model!r}: no such model file")
     from fastreid_rollback.metrics import _check_int
     from fastreid_rollback.data import reid_dls
     from fastreid_rollback.learner import reid_learner
     from fastreid_rollback.experiment import read_checkpoint
     from fastreid_rollback.model import atomic_write
-    if model is None: raise ValueError("--model is required: a model file written by train (out/model.pth) or a checkpoint")
-    if not Path(model).is_file(): raise FileNotFoundError(f"--model {model!r}: no such model file")
     _check_int(bs, '--bs', 1)
     if workers is not None: _check_int(workers, '--workers', 0)
     if out is not None: out = _out_folder(out)

@@ -391,10 +391,13 @@ def _readable(paths:list, pids:Tensor, camids:Tensor):
     return [p for p in paths if p not in bad],*(None if t is None else t[keep] for t in (pids, camids))
 
 def _check_options(dist:str, backend:str):
+    "Raise a `ValueError` naming `dist` or `backend` when it is not one `ReIDIndex` knows"
     if backend not in ('exact', 'faiss'): raise ValueError(f"backend={backend!r}: expected 'exact' or 'faiss'")
     if dist not in ('cosine', 'euclidean'): raise ValueError(f"dist={dist!r}: expected 'cosine' or 'euclidean'")
 
-def _feat_dim(predictor) -> int: return predictor.batch(torch.zeros(1, 3, *predictor.size, dtype=torch.uint8)).shape[1]
+def _feat_dim(predictor) -> int:
+    "The dimension of `predictor`'s features (of one blank image)"
+    return predictor.batch(torch.zeros(1, 3, *predictor.size, dtype=torch.uint8)).shape[1]
 
 def _encode_paths(paths) -> Tensor: return torch.frombuffer(bytearray('\0'.join(paths).encode()), dtype=torch.uint8)
 def _decode_paths(t:Tensor) -> list: return bytes(t.numpy()).decode().split('\0')
@@ -435,7 +438,9 @@ class ReIDIndex:
         if on_bad_image == 'skip': paths,pids,camids = _readable(paths, pids, camids)
         if backend == 'faiss': _faiss_empty(faiss_factory, _feat_dim(predictor), dist, len(paths))  # a bad factory stops before the features
         try: feats = predictor(paths, bs=bs, num_workers=num_workers, progress=progress)
-        except (OSError, ValueError) as e: raise type(e)(f"gallery: {e}; on_bad_image='skip' leaves unreadable images out") from None
+        except (OSError, ValueError) as e:
+            if not str(e).startswith('images['): raise
+            raise type(e)(f"gallery{str(e)[len('images'):]}; on_bad_image='skip' leaves unreadable images out") from None  # gallery[i]: ...
         return cls(predictor, paths, feats, pids, camids, dist, backend, faiss_factory=faiss_factory)
 
     def __len__(self): return len(self.paths)

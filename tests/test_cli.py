@@ -313,9 +313,11 @@ def test_index_skip_bad_images(inference_files, tmp_path):
 heavy = {'torch', 'fastai', 'torchvision', 'timm', 'numpy', 'pandas', 'matplotlib', 'faiss', 'onnx'}
 
 @pytest.mark.parametrize('args,code', [(['--help'], 0), (['export', '--help'], 0), (['train', '--help'], 0), (['train', '--bs', 'x'], 2),
-                                       (['search', '--k'], 2), (['fly'], 2), ([], 2)])
+                                       (['search', '--k'], 2), (['fly'], 2), ([], 2), (['eval', '--data', '.'], 2),
+                                       (['eval', '--model', '/nonexistent/model.pth'], 2), (['index', '--images', '.'], 2),
+                                       (['export', '--checkpoint', 'model.pth', '--out', '/'], 2), (['search', '--index', 'g.idx'], 2)])
 def test_help_and_argument_errors_import_nothing_heavy(args, code):
-    "`--help`, a command's `--help` and argument errors answer without importing torch, fastai, numpy or pandas"
+    "`--help`, a command's `--help`, argument errors and missing or misplaced files answer without importing torch, fastai, numpy or pandas"
     probe = f"""
 import sys
 from fastreid_rollback.cli import main

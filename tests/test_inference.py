@@ -249,7 +249,7 @@ def test_image_errors_name_what_was_passed(untrained, df, tmp_path):
     gal = tmp_path/'gallery'; gal.mkdir()
     for p in gallery_of(df).path.iloc[:4]: (gal/p.name).symlink_to(p)
     (gal/'0099_c1s1_000001_00.jpg').symlink_to(tmp_path/'moved_away.jpg')
-    with pytest.raises(FileNotFoundError, match=r"gallery/0099_c1s1_000001_00.jpg' \(a symbolic link to .*moved_away.jpg', which does not exist\).*on_bad_image='skip'"):
+    with pytest.raises(FileNotFoundError, match=r"gallery\[4\]: no image file '.*gallery/0099_c1s1_000001_00.jpg' \(a symbolic link to .*moved_away.jpg', which does not exist\).*on_bad_image='skip'"):
         ReIDIndex.build(untrained, gal)
     with pytest.warns(UserWarning, match=r'skipping 1 unreadable image\(s\): .*gallery/0099_c1s1_000001_00.jpg'):
         index = ReIDIndex.build(untrained, gal, on_bad_image='skip')
