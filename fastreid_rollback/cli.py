@@ -9,32 +9,35 @@ warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', ca
 from pathlib import Path
 from fastcore.script import store_true
 from fastcore.docments import docments
-from fastai.torch_core import rank_distrib
-from .synthetic import synthetic_reid
-from .data import market1501, dukemtmc_reid, msmt17, cuhk03_np, reid_dls
-from .learner import reid_learner
-from .distributed import on_rank0_first
-from .experiment import (imagenet_weights_available, source_backbone, compare_rollback, arm_names, train_reid,
-                                          save_report, save_checkpoint, read_checkpoint)
-from .model import atomic_write
-from .backbones import check_arch, reid_pools
-from .metrics import _check_int
+# Only what parsing needs: each command imports torch, fastai and the modules it uses when it runs (`--help` and argument errors answer at once)
 
 # %% auto #0
 __all__ = ['demo_settings', 'readers', 'commands', 'demo', 'read_dataset', 'train', 'evaluate', 'export_model', 'index_images',
            'search_index', 'main']
 
 # %% ../nbs/10_cli.ipynb #14514129
+def _check_writable(out:Path, base:Path, flag:str):
+    "Raise an `OSError` naming `flag` and `out` unless `base`, the nearest existing folder of `out`, is a folder this process can write"
+    if not base.is_dir(): raise NotADirectoryError(f"{flag} {str(out)!r}: {'it' if base == out else str(base)} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base): pass
+    except OSError as e: raise PermissionError(f"{flag} {str(out)!r}: cannot write there ({e.strerror or e})") from None
+
 def _out_folder(out, # the folder a command writes to
                 flag:str='--out', # how errors name it
                ) -> Path:
     "`out` as a folder this command can write (itself or, until it is made, its nearest existing parent); an error naming it otherwise"
     out = Path(out)
-    base = next(p for p in (out, *out.parents) if p.exists())
-    if not base.is_dir(): raise NotADirectoryError(f"{flag} {str(out)!r}: {'it' if base == out else str(base)} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=base): pass
-    except OSError as e: raise PermissionError(f"{flag} {str(out)!r}: cannot write there ({e.strerror or e})") from None
+    _check_writable(out, next(p for p in (out, *out.parents) if p.exists()), flag)
+    return out
+
+def _out_file(out, # the file a command writes
+              flag:str='--out', # how errors name it
+             ) -> Path:
+    "`out` as a file this command can write (in a folder that exists or can be made); an error naming it otherwise"
+    out = Path(out)
+    if out.is_dir(): raise IsADirectoryError(f"{flag} {str(out)!r} is a folder: expected the name of a file to write")
+    _check_writable(out, next(p for p in out.parents if p.exists()), flag)
     return out
 
 def _is_demo_output(out:Path) -> bool:
@@ -57,6 +60,10 @@ def demo(out:str='demo_out', # folder for results.json, results.csv and the plot
          overwrite:store_true=False, # write into an --out folder holding other files, replacing an earlier demo made with other settings
         ):
     "Baseline, control and rolling back (and period 1 alone) on a shifted target of the embedded dataset, with no download"
+    from fastreid_rollback.synthetic import synthetic_reid
+    from fastreid_rollback.data import market1501, reid_dls
+    from fastreid_rollback.learner import reid_learner
+    from fastreid_rollback.experiment import imagenet_weights_available, source_backbone, compare_rollback, arm_names, save_report
     s, out = demo_settings['quick' if quick else 'full'], _out_folder(out)
     if not overwrite and out.exists() and any(out.iterdir()) and not _is_demo_output(out): raise FileExistsError(
         f"--out {str(out)!r} holds files no demo wrote, which results.csv, results.json and the plots could replace: "
@@ -88,8 +95,8 @@ def demo(out:str='demo_out', # folder for results.json, results.csv and the plot
     return table
 
 # %% ../nbs/10_cli.ipynb #77b60999
-readers = {'market1501': market1501, 'dukemtmc': dukemtmc_reid, 'msmt17': msmt17,
-           'cuhk03': cuhk03_np, 'synthetic': market1501}
+readers = {'market1501': 'market1501', 'dukemtmc': 'dukemtmc_reid', 'msmt17': 'msmt17',  # the reader of each --dataset in
+           'cuhk03': 'cuhk03_np', 'synthetic': 'market1501'}                              # `fastreid_rollback.data`, by name
 
 def read_dataset(data:str, # the dataset's folder (or the folder above it)
                  dataset:str, # one of `readers`
@@ -97,10 +104,13 @@ def read_dataset(data:str, # the dataset's folder (or the folder above it)
     "The DataFrame of `dataset` at `data`; for 'synthetic', the embedded dataset is generated there unless present"
     if dataset not in readers: raise ValueError(f"--dataset {dataset!r} is unknown: expected one of {', '.join(readers)}")
     if data is None: raise ValueError("--data is required: the dataset's folder")
+    from fastreid_rollback import data as reader_module
+    from fastreid_rollback.synthetic import synthetic_reid
+    reader = getattr(reader_module, readers[dataset])
     if dataset == 'synthetic':
-        try: return market1501(Path(data))
+        try: return reader(Path(data))
         except FileNotFoundError: data = synthetic_reid(data)
-    return readers[dataset](Path(data))
+    return reader(Path(data))
 
 def _pretrained(spec:str):
     "Map `--pretrained` (imagenet | none | a file) to `reid_learner`'s `pretrained`"
@@ -127,6 +137,12 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
           seed:int=0, # seed of the initialisation and of every epoch
          ):
     "Train on a dataset with the rolling-back schedule (or the baseline) and evaluate on its query/gallery"
+    from fastai.torch_core import rank_distrib
+    from fastreid_rollback.metrics import _check_int
+    from fastreid_rollback.backbones import check_arch, reid_pools
+    from fastreid_rollback.data import reid_dls
+    from fastreid_rollback.distributed import on_rank0_first
+    from fastreid_rollback.experiment import train_reid, save_report, save_checkpoint
     for flag,v,lo in [('--periods', periods, 1), ('--epochs-per-period', epochs_per_period, 1), ('--bs', bs, 1),
                       ('--checkpoint-every', checkpoint_every, 0), ('--workers', workers, 0), ('--seed', seed, 0), ('--size', size[0], 1), ('--size', size[1], 1)]:
         if v is not None: _check_int(v, flag, lo)
@@ -163,6 +179,11 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
     "CMC, mAP and mINP of a saved model on the query/gallery of a dataset (also after AQE and re-ranking when asked)"
     if model is None: raise ValueError("--model is required: a model file written by train (out/model.pth) or a checkpoint")
     if not Path(model).is_file(): raise FileNotFoundError(f"--model {model!r}: no such model file")
+    from fastreid_rollback.metrics import _check_int
+    from fastreid_rollback.data import reid_dls
+    from fastreid_rollback.learner import reid_learner
+    from fastreid_rollback.experiment import read_checkpoint
+    from fastreid_rollback.model import atomic_write
     _check_int(bs, '--bs', 1)
     if workers is not None: _check_int(workers, '--workers', 0)
     if out is not None: out = _out_folder(out)
@@ -183,8 +204,6 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
     return list(res.values())[-1]
 
 # %% ../nbs/10_cli.ipynb #b7e3d415
-from .inference import checkpoint_to_reid, load_reid, ReIDIndex
-
 def _required(value, flag, what):
     "Raise a `ValueError` naming `flag` when `value` is missing"
     if value is None or value == []: raise ValueError(f"{flag} is required: {what}")
@@ -195,6 +214,8 @@ def export_model(checkpoint:str=None, # a model file written by `train` (out/mod
                 ):
     "Export a trained model to one file (weights and preprocessing) for `index`, `search` and `load_reid`"
     _required(checkpoint, '--checkpoint', 'a model file written by train (out/model.pth) or a checkpoint')
+    out = _out_file(out)
+    from fastreid_rollback.inference import checkpoint_to_reid
     path = checkpoint_to_reid(checkpoint, out, size=None if size is None else tuple(size))
     print(f"Wrote {path}")
     return path
@@ -205,11 +226,18 @@ def index_images(model:str=None, # a model file written by `export`
                  bs:int=64, # batch size of the feature extraction
                  workers:int=0, # processes reading the images
                  faiss:store_true=False, # search with FAISS (pip install 'fastreid-rollback[faiss]')
+                 skip_bad_images:store_true=False, # leave out the images that cannot be read (named on stderr) instead of stopping at the first
                 ):
     "Compute the features of a folder of gallery images and save them as an index for `search`"
     _required(model, '--model', 'a model file written by export')
     _required(images, '--images', 'a folder of gallery images')
-    index = ReIDIndex.build(load_reid(model), images, bs=bs, num_workers=workers, backend='faiss' if faiss else 'exact')
+    out = _out_file(out)  # before the features: a wrong --out stops at once
+    from fastreid_rollback.inference import load_reid, ReIDIndex
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter('always')
+        index = ReIDIndex.build(load_reid(model), images, bs=bs, num_workers=workers, backend='faiss' if faiss else 'exact',
+                                on_bad_image='skip' if skip_bad_images else 'raise')
+    for w in skipped: print(f"fastreid-rollback index: {w.message}", file=sys.stderr)
     print(f"Indexed {len(index)} images of {images} in {index.save(out)}")
     return index
 
@@ -222,6 +250,8 @@ def search_index(index:str=None, # an index file written by `index`
     "The `k` gallery images nearest to each query image, as a table (and a picture with `--show`)"
     _required(index, '--index', 'an index file written by index')
     _required(query, '--query', 'one or more query image files')
+    if show is not None: show = _out_file(show, '--show')
+    from fastreid_rollback.inference import ReIDIndex
     idx = ReIDIndex.load(index, model=model)
     res = idx.search(query, k=k)
     print(res.to_string(index=False))

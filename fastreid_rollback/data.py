@@ -280,8 +280,10 @@ def pk_batches(
 def _df_items(dl):
     "The DataFrame behind `dl`"
     items = dl.dataset.items
-    if not isinstance(items, pd.DataFrame): raise ValueError("this DataLoader's items are not a ReID DataFrame (columns path, pid, camid)")
-    return items
+    if isinstance(items, pd.DataFrame): return items
+    if not len(items): raise ValueError("this DataLoader holds no images: `learn.export` saves the DataLoaders empty, so those of a Learner "
+                                        "from `load_learner` have none; make one from a reader's DataFrame with `learn.dls.reid_dl(df)`")
+    raise ValueError("this DataLoader's items are not a ReID DataFrame (columns path, pid, camid)")
 
 class ReIDDL(TfmdDL):
     "A `TfmdDL` over a ReID DataFrame, with an optional identity-balanced (PK) sampler"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_inference.ipynb #9c368bcc
 from __future__ import annotations
-import copy, hashlib, json
+import copy, hashlib, json, os, re, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 from . import __version__
 from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, unwrap_model
 from .backbones import create_backbone, resnet_archs
-from .data import reid_item_tfms, reid_batch_tfms
+from .data import reid_item_tfms, reid_batch_tfms, find_bad_images, _id_column
 from .metrics import reid_dist
 from .learner import show_framed_image
 from .experiment import read_checkpoint
@@ -172,15 +172,16 @@ class ReIDFeatures(Module):
 def _rgb_image(x, name) -> Image.Image:
     "Image `x` (file, PIL image, HxW(xC) uint8 array or (C)xHxW uint8 tensor) as an RGB PIL image; errors name `name`"
     if isinstance(x, (str, Path)):
-        if not Path(x).is_file(): raise FileNotFoundError(f"{name}: no image file {str(x)!r}")
+        if not Path(x).is_file(): raise FileNotFoundError(f"{name}: no image file {str(x)!r}" + (
+            f" (a symbolic link to {os.readlink(x)!r}, which does not exist)" if Path(x).is_symlink() else ''))
         try: return PILImage.create(x)  # as `reid_dls` opens its images
         except Exception as e: raise ValueError(f"{name}: cannot read the image {str(x)!r}: {e}") from None
     if isinstance(x, Image.Image): return x.convert('RGB')
-    if isinstance(x, Tensor) and x.ndim == 3: x = x.permute(1, 2, 0)  # CxHxW, as torchvision reads images
-    a = x.cpu().numpy() if isinstance(x, Tensor) else x
+    given = f"{type(x).__name__}{' of shape '+str(tuple(x.shape))+' and dtype '+str(x.dtype) if hasattr(x, 'shape') else ''}"  # as passed
+    a = x.permute(1, 2, 0) if isinstance(x, Tensor) and x.ndim == 3 else x  # CxHxW, as torchvision reads images
+    a = a.cpu().numpy() if isinstance(a, Tensor) else a
     if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
-        raise ValueError(f"{name}: expected an image file, a PIL image, a uint8 array (H, W[, C]) or a uint8 tensor ([C, ]H, W), "
-                         f"got {type(x).__name__}{' of shape '+str(tuple(x.shape))+' and dtype '+str(x.dtype) if hasattr(x, 'shape') else ''}")
+        raise ValueError(f"{name}: expected an image file, a PIL image, a uint8 array (H, W[, C]) or a uint8 tensor ([C, ]H, W), got {given}")
     return Image.fromarray(a.squeeze(2) if a.ndim == 3 and a.shape[2] == 1 else a).convert('RGB')
 
 def _image_list(images) -> list:
@@ -268,6 +269,18 @@ def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1: raise ValueError(f"k={k!r}: expected an int >= 1")
     return int(k)
 
+def _query_feats(feats, # query features, as the index's predictor computes them
+                 dim:int, # the index's feature dimension
+                ) -> Tensor:
+    "`feats` as a float tensor on the CPU, checked for both backends: (n_query, `dim`), no NaN or inf"
+    f = torch.as_tensor(feats).detach()
+    if f.ndim != 2 or f.shape[1] != dim or not f.is_floating_point(): raise ValueError(
+        f"feats: expected float features (n_query, {dim}) as the index's predictor computes them, got {f.dtype} of shape {tuple(f.shape)}")
+    f = f.float().cpu()
+    bad = (~torch.isfinite(f)).any(1).nonzero()
+    if len(bad): raise ValueError(f"feats holds NaN or inf (row {int(bad[0])}{f' and {len(bad)-1} more' if len(bad) > 1 else ''})")
+    return f
+
 def _ranked_nearest(d:Tensor, k:int):
     "Values and columns of the `k` smallest entries of each row of `d`, nearest first, ties in column order (as the evaluation ranks)"
     kth = d.topk(k, dim=1, largest=False).values[:, -1:]
@@ -296,18 +309,55 @@ def _faiss_feats(f:Tensor, dist:str) -> np.ndarray:
     f = f.float().cpu()
     return np.ascontiguousarray((F.normalize(f, dim=1) if dist == 'cosine' else f).numpy())
 
+def _faiss_reason(e) -> str:
+    "The reason in a FAISS error, without the C++ function and file it was raised in"
+    return re.split(r"failed: |\.cpp:\d+: ", str(e).strip().splitlines()[0])[-1]
+
+def _faiss_error(factory:str, n:int, reason) -> ValueError:
+    "The one-line error for a `faiss_factory` FAISS cannot make an index of `n` features with, saying what would work"
+    return ValueError(f"faiss_factory={factory!r}: FAISS cannot index the {n} gallery features with it ({_faiss_reason(reason)}); 'Flat' searches "
+                      f"exactly any gallery, 'IVF<lists>,Flat' approximately with at most {n} lists (FAISS advises 39 images per list or more)")
+
+def _ivf(index):
+    "The inverted-file part of a FAISS index (its `nprobe` lists are searched, of `nlist`), or None"
+    try: return _faiss().extract_index_ivf(index)
+    except (RuntimeError, TypeError): return None  # not an IVF index (or not a FAISS one)
+
+def _faiss_empty(factory:str, dim:int, dist:str, n:int):
+    "An untrained FAISS index of `factory` for `n` features of `dim`; a `ValueError` when faiss cannot make it or it has more lists than `n`"
+    faiss = _faiss()
+    try: index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT if dist == 'cosine' else faiss.METRIC_L2)
+    except RuntimeError as e: raise _faiss_error(factory, n, e) from None
+    ivf = _ivf(index)
+    if ivf is not None and ivf.nlist > n: raise _faiss_error(factory, n, f"{ivf.nlist} lists for {n} images")
+    return index
+
 def _faiss_index(feats:Tensor, dist:str, factory:str='Flat'):
     "A FAISS index of `feats`: inner products of L2-normalised features for 'cosine', L2 for 'euclidean'"
-    faiss,x = _faiss(),_faiss_feats(feats, dist)
-    index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT if dist == 'cosine' else faiss.METRIC_L2)
-    if not index.is_trained: index.train(x)
-    index.add(x)
+    x = _faiss_feats(feats, dist)
+    index = _faiss_empty(factory, x.shape[1], dist, len(x))
+    try:
+        if not index.is_trained: index.train(x)
+        index.add(x)
+    except RuntimeError as e: raise _faiss_error(factory, len(x), e) from None
     return index
 
 def _faiss_nearest(index, qf:Tensor, k:int, dist:str):
-    "Distances (as `reid_dist` defines them) and indices of the `k` nearest of each query by FAISS"
-    s,i = index.search(_faiss_feats(qf, dist), k)
-    return torch.from_numpy(1 - s if dist == 'cosine' else np.sqrt(np.maximum(s, 0))),torch.from_numpy(i).long()
+    "Distances (as `reid_dist` defines them) and indices of the `k` nearest of each query by FAISS; -1 at distance inf: none found"
+    x = _faiss_feats(qf, dist)
+    s,i = index.search(x, k)
+    ivf = _ivf(index)
+    if ivf is not None:  # an IVF index probes twice as many lists for the queries it found fewer than `k` for, up to all of them
+        nprobe = ivf.nprobe
+        try:
+            while (i < 0).any() and ivf.nprobe < ivf.nlist:
+                rows = (i < 0).any(1).nonzero()[0]
+                ivf.nprobe = min(2*ivf.nprobe, ivf.nlist)
+                s[rows],i[rows] = index.search(x[rows], k)
+        finally: ivf.nprobe = nprobe
+    d = 1 - s if dist == 'cosine' else np.sqrt(np.maximum(s, 0))
+    d[i < 0] = np.inf  # FAISS's -1: no neighbour, never a result
+    return torch.from_numpy(d),torch.from_numpy(i).long()
 
 # %% ../nbs/09_inference.ipynb #a49cdaa9
 def _gallery_items(gallery, split):
@@ -318,17 +368,36 @@ def _gallery_items(gallery, split):
         if split is not None and 'split' in df:
             df = df[df['split'] == split]
             if not len(df): raise ValueError(f"gallery: the DataFrame has no row with split {split!r}")
-        ids = [torch.tensor(df[c].to_numpy(dtype='int64')) if c in df else None for c in ('pid', 'camid')]
+        try: ids = [torch.tensor(_id_column(df, c, lo).to_numpy(copy=True)) if c in df else None for c,lo in (('pid', -1), ('camid', None))]
+        except ValueError as e: raise ValueError(f"gallery: {e}") from None  # the check `reid_dls` makes
         return [str(p) for p in df['path']],*ids
     if isinstance(gallery, (str, Path)):
         if not Path(gallery).is_dir(): raise FileNotFoundError(f"gallery: {str(gallery)!r} is not a folder of images")
-        paths = sorted(str(p.resolve()) for p in get_image_files(gallery))
+        paths = sorted(os.path.abspath(p) for p in get_image_files(gallery))  # links keep their names
         if not paths: raise ValueError(f"gallery: no image file in {str(gallery)!r}")
         return paths,None,None
     paths = list(gallery)
     if not paths or not all(isinstance(p, (str, Path)) for p in paths):
         raise ValueError("gallery: expected a folder, a non-empty list of image files or a reader DataFrame")
-    return [str(Path(p).resolve()) for p in paths],None,None
+    return [os.path.abspath(p) for p in paths],None,None
+
+def _readable(paths:list, pids:Tensor, camids:Tensor):
+    "`paths`, `pids` and `camids` without the images that cannot be read, with a warning naming them"
+    bad = set(find_bad_images(pd.DataFrame({'path': paths})))
+    if not bad: return paths,pids,camids
+    if len(bad) == len(paths): raise ValueError(f"gallery: none of its {len(paths)} images can be read, e.g. {paths[0]!r}")
+    warnings.warn(f"skipping {len(bad)} unreadable image(s): {', '.join([p for p in paths if p in bad][:5])}{' ...' if len(bad) > 5 else ''}")
+    keep = torch.tensor([p not in bad for p in paths])
+    return [p for p in paths if p not in bad],*(None if t is None else t[keep] for t in (pids, camids))
+
+def _check_options(dist:str, backend:str):
+    "Raise a `ValueError` naming `dist` or `backend` when it is not one `ReIDIndex` knows"
+    if backend not in ('exact', 'faiss'): raise ValueError(f"backend={backend!r}: expected 'exact' or 'faiss'")
+    if dist not in ('cosine', 'euclidean'): raise ValueError(f"dist={dist!r}: expected 'cosine' or 'euclidean'")
+
+def _feat_dim(predictor) -> int:
+    "The dimension of `predictor`'s features (of one blank image)"
+    return predictor.batch(torch.zeros(1, 3, *predictor.size, dtype=torch.uint8)).shape[1]
 
 def _encode_paths(paths) -> Tensor: return torch.frombuffer(bytearray('\0'.join(paths).encode()), dtype=torch.uint8)
 def _decode_paths(t:Tensor) -> list: return bytes(t.numpy()).decode().split('\0')
@@ -343,10 +412,9 @@ class ReIDIndex:
                  dist:str='cosine', # 'cosine' or 'euclidean' (see `reid_dist`)
                  backend:str='exact', # 'exact' (`reid_dist`) or 'faiss'
                  faiss_index=None, # a FAISS index of `feats` (default: built with `faiss_factory`)
-                 faiss_factory:str='Flat', # FAISS `index_factory` string; 'Flat' is exact, e.g. 'IVF1024,Flat' approximate
+                 faiss_factory:str='Flat', # FAISS `index_factory` string; 'Flat' is exact, 'IVF1024,Flat' approximate (1024 lists: 40k images or more)
                 ):
-        if backend not in ('exact', 'faiss'): raise ValueError(f"backend={backend!r}: expected 'exact' or 'faiss'")
-        if dist not in ('cosine', 'euclidean'): raise ValueError(f"dist={dist!r}: expected 'cosine' or 'euclidean'")
+        _check_options(dist, backend)
         if len(paths) != len(feats): raise ValueError(f"paths has {len(paths)} entries but feats {len(feats)} rows")
         store_attr('predictor,paths,feats,pids,camids,dist,backend,faiss_factory')
         self.faiss_index = faiss_index if faiss_index is not None or backend == 'exact' else _faiss_index(feats, dist, faiss_factory)
@@ -358,11 +426,22 @@ class ReIDIndex:
               bs:int=64, # images per batch
               num_workers:int=0, # processes reading the images
               progress:bool=None, # show a progress bar (default: beyond 4 batches)
-              **kwargs, # passed to `ReIDIndex` (dist, backend, faiss_factory)
+              on_bad_image:str='raise', # 'raise': an error naming the first unreadable image; 'skip': check them all first, warn and leave those out
+              dist:str='cosine', # 'cosine' or 'euclidean' (see `reid_dist`)
+              backend:str='exact', # 'exact' (`reid_dist`) or 'faiss'
+              faiss_factory:str='Flat', # FAISS `index_factory` string (see `ReIDIndex`)
              ):
         "Compute the features of the images of `gallery` and index them"
+        if on_bad_image not in ('raise', 'skip'): raise ValueError(f"on_bad_image={on_bad_image!r}: expected 'raise' or 'skip'")
+        _check_options(dist, backend)
         paths,pids,camids = _gallery_items(gallery, split)
-        return cls(predictor, paths, predictor(paths, bs=bs, num_workers=num_workers, progress=progress), pids, camids, **kwargs)
+        if on_bad_image == 'skip': paths,pids,camids = _readable(paths, pids, camids)
+        if backend == 'faiss': _faiss_empty(faiss_factory, _feat_dim(predictor), dist, len(paths))  # a bad factory stops before the features
+        try: feats = predictor(paths, bs=bs, num_workers=num_workers, progress=progress)
+        except (OSError, ValueError) as e:
+            if not str(e).startswith('images['): raise
+            raise type(e)(f"gallery{str(e)[len('images'):]}; on_bad_image='skip' leaves unreadable images out") from None  # gallery[i]: ...
+        return cls(predictor, paths, feats, pids, camids, dist, backend, faiss_factory=faiss_factory)
 
     def __len__(self): return len(self.paths)
     def __repr__(self):
@@ -371,11 +450,12 @@ class ReIDIndex:
 
     def nearest(self, feats:Tensor, # query features (n_query, dim), as the predictor computes them
                 k:int=10, # gallery images per query
-               ): # (distances, gallery indices), both (n_query, min(k, len(self))), nearest first
+               ): # (distances, gallery indices), both (n_query, min(k, len(self))), nearest first; -1 at distance inf: not found
         "The `k` gallery images nearest to each query feature, ranked as the evaluation ranks them (ties by gallery order)"
-        k = min(_check_k(k), len(self))
+        k,feats = min(_check_k(k), len(self)),_query_feats(feats, self.feats.shape[1])
+        if not len(feats): return torch.zeros(0, k),torch.zeros(0, k, dtype=torch.long)
         if self.backend == 'faiss': return _faiss_nearest(self.faiss_index, feats, k, self.dist)
-        return _exact_nearest(feats.cpu(), self.feats, k, self.dist)
+        return _exact_nearest(feats, self.feats, k, self.dist)
 
 # %% ../nbs/09_inference.ipynb #73bb06e0
 def _query_items(queries):
@@ -385,20 +465,25 @@ def _query_items(queries):
     pids = queries['pid'].tolist() if isinstance(queries, pd.DataFrame) and 'pid' in queries else None
     return items,names,pids
 
+def _results(index:ReIDIndex, items:list, names:list, k:int, bs:int):
+    "The table `search` returns for `items`, and the position of each row's query in `items`"
+    d,idx = index.nearest(index.predictor(items, bs=bs), k)
+    nq,k = idx.shape
+    found = (idx >= 0).reshape(-1).numpy()  # an approximate index may find fewer than `k`: no row for what it did not find
+    flat,qpos = idx.reshape(-1)[found],np.repeat(np.arange(nq), k)[found]
+    ids = {c:(pd.array(v[flat].numpy(), dtype='Int64') if v is not None else pd.array([pd.NA]*len(flat), dtype='Int64'))
+           for c,v in (('pid', index.pids), ('camid', index.camids))}
+    return pd.DataFrame(dict(query=np.array(names, dtype=object)[qpos], rank=np.tile(np.arange(1, k+1), nq)[found],
+                             path=np.array(index.paths, dtype=object)[flat.numpy()], distance=d.reshape(-1)[found].double().numpy(), **ids)),qpos
+
 @patch
 def search(self:ReIDIndex, queries, # query image(s): files, PIL images, uint8 arrays/tensors, or a reader DataFrame
            k:int=10, # gallery images per query
            bs:int=64, # images per batch
           ) -> pd.DataFrame: # one row per query and rank: query, rank, path, distance, pid, camid
-    "The `k` gallery images nearest to each query, nearest first"
+    "The `k` gallery images nearest to each query, nearest first (fewer when an approximate FAISS index finds fewer)"
     items,names,_ = _query_items(queries)
-    d,idx = self.nearest(self.predictor(items, bs=bs), k)
-    nq,k = idx.shape
-    flat = idx.reshape(-1)
-    ids = {c:(pd.array(v[flat].numpy(), dtype='Int64') if v is not None else pd.array([pd.NA]*len(flat), dtype='Int64'))
-           for c,v in (('pid', self.pids), ('camid', self.camids))}
-    return pd.DataFrame(dict(query=np.repeat(np.array(names, dtype=object), k), rank=np.tile(np.arange(1, k+1), nq),
-                             path=np.array(self.paths, dtype=object)[flat.numpy()], distance=d.reshape(-1).double().numpy(), **ids))
+    return _results(self, items, names, k, bs)[0]
 
 @patch
 def show(self:ReIDIndex, queries, # query image(s), as for `search`; a reader DataFrame also colours matches
@@ -407,13 +492,14 @@ def show(self:ReIDIndex, queries, # query image(s), as for `search`; a reader Da
         ):
     "Each query beside its `k` nearest gallery images; with known identities, borders say true match (green) or not (red)"
     items,names,qpids = _query_items(queries)
-    res = self.search(items, k=k)
-    k = int(res['rank'].max())
+    res,qpos = _results(self, items, names, k, 64)
+    k = min(k, len(self))
     fig,axs = plt.subplots(len(items), k+1, figsize=figsize or (0.9*(k+1), 2*len(items)), squeeze=False)
     for i,(row,item) in enumerate(zip(axs, items)):
         img = item if isinstance(item, (str, Path)) else _rgb_image(item, f'queries[{i}]')
         show_framed_image(img, row[0], 'query' + (f'\npid {qpids[i]}' if qpids else ''))
-        for ax,r in zip(row[1:], res.iloc[i*k:(i+1)*k].itertuples()):
+        for ax in row[1+(qpos == i).sum():]: ax.axis('off')
+        for ax,r in zip(row[1:], res[qpos == i].itertuples()):
             known = not pd.isna(r.pid)
             colour = ('green' if r.pid == qpids[i] else 'red') if qpids and known and r.pid != -1 else None  # junk: no verdict
             show_framed_image(r.path, ax, f'{r.distance:.3f}' + (f'\npid {r.pid} cam {r.camid}' if known else ''), colour)
@@ -453,21 +539,35 @@ def load(cls:ReIDIndex, fname, # a file written by `ReIDIndex.save`
     if pred.fingerprint != meta.get('fingerprint'): raise ValueError(
         f"index {str(fname)!r} was built with another model (fingerprint {meta.get('fingerprint', '')[:12]}, file {meta.get('model')!r}) "
         f"than {str(pred.path or 'the given predictor')!r} (fingerprint {pred.fingerprint[:12]}): build the index again with this model")
-    fi = _faiss().deserialize_index(t['faiss'].numpy()) if 'faiss' in t else None
+    try: fi = _faiss().deserialize_index(t['faiss'].numpy()) if 'faiss' in t else None
+    except RuntimeError as e: raise ValueError(f"index {str(fname)!r}: its FAISS index cannot be read ({_faiss_reason(e)}): build the index again") from None
     return cls(pred, _decode_paths(t['paths']), t['feats'], t.get('pids'), t.get('camids'), meta['dist'], meta['backend'], fi, meta['faiss_factory'])
 
 # %% ../nbs/09_inference.ipynb #60c7a405
+_onnx_min_opset = 18  # the opset torch.onnx's exporter writes; for older ones its converter fails, printing a traceback, and keeps 18
+
+def _check_opset(opset, onnx) -> int:
+    "`opset` when torch.onnx's exporter can write it (18 to the newest the installed onnx knows), else a `ValueError` saying which it can"
+    hi = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not _onnx_min_opset <= opset <= hi: raise ValueError(
+        f"opset={opset!r}: torch.onnx's exporter writes opsets {_onnx_min_opset} to {hi} (for an older runtime, convert the file "
+        "with onnx.version_converter, or export with an older torch)")
+    return int(opset)
+
 def export_onnx(predictor:ReIDPredictor, # the model to export
                 fname='model.onnx', # the file to write (atomically)
-                opset:int=18, # ONNX opset version
+                opset:int=18, # ONNX opset version (18 or newer)
                ) -> Path:
     "Export the feature extractor to ONNX: uint8 images (batch, 3, height, width) at `predictor.size` -> features (batch, dim)"
     try: import onnx
     except ImportError: raise ValueError("export_onnx needs ONNX: pip install 'fastreid-rollback[deploy]'") from None
+    opset = _check_opset(opset, onnx)
     net = copy.deepcopy(predictor.net).cpu().eval()
     x = torch.zeros(2, 3, *predictor.size, dtype=torch.uint8)
     prog = torch.onnx.export(net, (x,), dynamo=True, opset_version=opset, input_names=['images'], output_names=['features'],
                              dynamic_shapes=({0: torch.export.Dim('batch')},), verbose=False)
     proto = prog.model_proto
+    got = [o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')]
+    if got != [opset]: raise ValueError(f"opset={opset}: the exporter made a graph of opset {got}; nothing was written to {str(fname)!r}")
     onnx.helper.set_model_props(proto, {'fastreid_rollback': json.dumps(predictor.config), 'fingerprint': predictor.fingerprint})
     return atomic_write(fname, lambda f: onnx.save(proto, f))

@@ -23,16 +23,25 @@ __all__ = ['atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck'
            'reid_splitter', 'save_backbone', 'batch_hard_triplet', 'ReIDLoss']
 
 # %% ../nbs/03_model.ipynb #bfac9a4f
+def _check_file_path(path:Path):
+    "Raise an `OSError` naming `path` when it is a folder, or when one of its parents is a file"
+    if path.is_dir(): raise IsADirectoryError(f"{str(path)!r} is a folder: expected the name of a file to write")
+    base = next(p for p in path.parents if p.exists())
+    if not base.is_dir(): raise NotADirectoryError(f"{str(path)!r}: {str(base)!r} is a file, not a folder")
+
 def atomic_write(path, # file to write; its folder is created if needed
                  write, # `write(f)` writes the content into the binary file object `f` (a writer that takes only a path writes to `f.name`)
                 ):
     "Write `path` through a new temporary file in the same folder: `path` is never half-written, and its mode is what the umask gives"
     path = Path(path)
+    _check_file_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent/f'.{path.name}.{secrets.token_hex(6)}.tmp'
     f = open(tmp, 'xb')  # a new file, mode 0666 less the umask (`tempfile.mkstemp`'s 0600 would survive the rename)
+    mode = os.fstat(f.fileno()).st_mode & 0o7777
     try:
         with f: write(f)
+        os.chmod(tmp, mode)  # a writer that replaces the file by its name (safetensors' `save_file` makes it 0600) gets the same mode
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

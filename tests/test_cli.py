@@ -20,9 +20,15 @@ def backbone_file(tmp_path_factory):
 
 plots = ['loss.png', 'cmc.png', 'block_grads.png', 'ranked.png']
 
+def check_modes(*files):
+    "Each file has the mode the umask gives a new file (0666 less the umask)"
+    umask = os.umask(0); os.umask(umask)
+    assert {str(f): oct(Path(f).stat().st_mode & 0o777) for f in files} == {str(f): oct(0o666 & ~umask) for f in files}
+
 def check_report(out, runs):
     "results.json, results.csv and the plots exist and hold metrics in [0, 1] for `runs`"
     for f in ['results.json', 'results.csv', *plots]: assert (out/f).stat().st_size > 0, f
+    check_modes(*[out/f for f in ['results.json', 'results.csv', *plots]])
     doc = json.loads((out/'results.json').read_text())
     assert sorted(doc['runs']) == sorted(runs)
     for r in doc['runs'].values():
@@ -50,6 +56,7 @@ def test_demo_quick(tmp_path):
     table = pd.read_csv(out/'results.csv', index_col='run')
     assert list(table.index) == ['baseline', 'control', 'rollback', 'period1']
     assert [f.suffix for f in (tmp_path/'cache').iterdir()] and sorted(f.suffix for f in (tmp_path/'cache').iterdir()) == ['.json', '.pth']
+    check_modes(*(tmp_path/'cache').iterdir(), *[out/f for f in ['results.json', 'results.csv', *plots]])
     assert 'pre-training the backbone' in p.stdout and 'Zero-shot mAP' in p.stdout and 'period1' in p.stdout
 
 def train_args(data, out, backbone, *extra):
@@ -66,6 +73,7 @@ def test_train_resume_eval(tmp_path, backbone_file):
     ckpts = tmp_path/'full'/'checkpoints'
     assert {'last.pth', 'period1.pth', 'period2.pth'} <= {f.name for f in ckpts.iterdir()}
     assert not list(ckpts.glob('*.tmp'))
+    check_modes(*ckpts.iterdir(), tmp_path/'full'/'model.pth')
     assert read_checkpoint(ckpts/'period1.pth')['meta']['epoch'] == 1
     # Resume from the end of period 1 in a fresh folder: same final weights as the uninterrupted run
     (tmp_path/'resumed'/'checkpoints').mkdir(parents=True)
@@ -79,6 +87,7 @@ def test_train_resume_eval(tmp_path, backbone_file):
     p = cli('eval', '--model', tmp_path/'full'/'model.pth', '--data', data, '--dataset', 'synthetic', '--out', tmp_path/'ev')
     assert p.returncode == 0, p.stderr[-3000:]
     ev = json.loads((tmp_path/'ev'/'eval.json').read_text())
+    check_modes(tmp_path/'ev'/'eval.json')
     for k in ['rank1', 'mAP', 'mINP']: assert ev[k] == pytest.approx(doc['runs']['rollback'][k], abs=1e-4)
     # a checkpoint evaluates too (the help says so): the last one holds the final weights
     p = cli('eval', '--model', ckpts/'last.pth', '--data', data, '--dataset', 'synthetic', '--out', tmp_path/'ev2')
@@ -262,8 +271,9 @@ def inference_files(reid_files, tmp_path_factory):
     save_reid(ReIDModel('resnet18', n_ids=4), d/'other.reid', size=(64, 32))
     (d/'garbage.bin').write_bytes(b'garbage' * 10)
     (d/'bad.jpg').write_text('not an image')
+    (d/'folder').mkdir()
     return dict(garbage=d/'garbage.bin', data=data, model=model, index=d/'gallery.idx', bad=d/'bad.jpg',
-                query=next((data/'query').iterdir()), other=d/'other.reid')
+                query=next((data/'query').iterdir()), other=d/'other.reid', folder=d/'folder')
 
 @pytest.mark.parametrize('args,expected', [
     (['export', '--checkpoint', '/nonexistent/model.pth'], '/nonexistent/model.pth'),
@@ -273,6 +283,10 @@ def inference_files(reid_files, tmp_path_factory):
     (['search', '--index', '{index}', '--query', '{bad}'], 'bad.jpg'),
     (['search', '--index', '{index}', '--query', '{query}', '--model', '{other}'], 'built with another model'),
     (['search', '--index', '{index}'], '--query'),
+    (['index', '--model', '{model}', '--images', '{data}', '--out', '{folder}'], "--out '{folder}' is a folder"),
+    (['index', '--model', '{model}', '--images', '{data}', '--out', '{garbage}/g.idx'], "'{garbage}/g.idx': {garbage} is a file, not a folder"),
+    (['export', '--checkpoint', '{garbage}', '--out', '{folder}'], "--out '{folder}' is a folder"),
+    (['search', '--index', '{index}', '--query', '{query}', '--show', '{garbage}/ranked.png'], "--show '{garbage}/ranked.png'"),
 ])
 def test_inference_errors(inference_files, args, expected):
     "Mistakes with export, index and search end with one line on stderr naming the file or flag, and exit status 2"
@@ -280,4 +294,36 @@ def test_inference_errors(inference_files, args, expected):
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr
-    assert lines[0].startswith('fastreid-rollback ') and expected in lines[0], lines[0]
+    assert lines[0].startswith('fastreid-rollback ') and expected.format(**inference_files) in lines[0], lines[0]
+
+
+def test_index_skip_bad_images(inference_files, tmp_path):
+    "index --skip-bad-images leaves a broken link out and names it on stderr; without it, the error names the link as it is in the folder"
+    gal = tmp_path/'gallery'; gal.mkdir()
+    for p in sorted((inference_files['data']/'bounding_box_test').iterdir())[:3]: (gal/p.name).symlink_to(p)
+    (gal/'0099_c1s1_000001_00.jpg').symlink_to(tmp_path/'moved_away.jpg')
+    p = cli('index', '--model', inference_files['model'], '--images', gal, '--out', tmp_path/'g.idx')
+    assert p.returncode == 2 and f"{gal/'0099_c1s1_000001_00.jpg'}' (a symbolic link to" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = cli('index', '--model', inference_files['model'], '--images', gal, '--out', tmp_path/'g.idx', '--skip-bad-images')
+    assert p.returncode == 0 and 'Indexed 3 images' in p.stdout, p.stderr[-2000:]
+    assert p.stderr.strip() == f"fastreid-rollback index: skipping 1 unreadable image(s): {gal/'0099_c1s1_000001_00.jpg'}", p.stderr
+    umask = os.umask(0); os.umask(umask)
+    assert (tmp_path/'g.idx').stat().st_mode & 0o777 == 0o666 & ~umask
+
+heavy = {'torch', 'fastai', 'torchvision', 'timm', 'pandas', 'matplotlib', 'faiss', 'onnx'}  # not numpy: a newer fastcore may import it
+
+@pytest.mark.parametrize('args,code', [(['--help'], 0), (['export', '--help'], 0), (['train', '--help'], 0), (['train', '--bs', 'x'], 2),
+                                       (['search', '--k'], 2), (['fly'], 2), ([], 2), (['eval', '--data', '.'], 2),
+                                       (['eval', '--model', '/nonexistent/model.pth'], 2), (['index', '--images', '.'], 2),
+                                       (['export', '--checkpoint', 'model.pth', '--out', '/'], 2), (['search', '--index', 'g.idx'], 2)])
+def test_help_and_argument_errors_import_nothing_heavy(args, code):
+    "`--help`, a command's `--help`, argument errors and missing or misplaced files answer without importing torch, fastai or pandas"
+    probe = f"""
+import sys
+from fastreid_rollback.cli import main
+try: code = main({args!r})
+except SystemExit as e: code = e.code
+print('CODE', code, sorted({{m.split('.')[0] for m in sys.modules}} & {heavy!r}))
+"""
+    p = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=120)
+    assert p.stdout.splitlines()[-1] == f"CODE {code} []", (p.stdout[-500:], p.stderr[-2000:])

@@ -1,7 +1,7 @@
 "Inference outside the training process: fastai's export, `export_reid`/`load_reid`, the gallery index, ONNX, FAISS and their errors."
-import json, subprocess, sys, textwrap
+import json, os, subprocess, sys, textwrap
 from pathlib import Path
-import pandas as pd, pytest, torch
+import numpy as np, pandas as pd, pytest, torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -92,8 +92,12 @@ def test_fresh_process_features_index_and_ranking(learn, df, model_file, tmp_pat
 def test_onnx_parity(model_file, df, tmp_path):
     "ONNX Runtime's features equal PyTorch's (cosine >= 0.9999), for any batch size"
     import onnxruntime as ort
+    import onnx
     predictor = load_reid(model_file)
     sess = ort.InferenceSession(str(export_onnx(predictor, tmp_path/'model.onnx')), providers=['CPUExecutionProvider'])
+    assert [o.version for o in onnx.load(tmp_path/'model.onnx').opset_import if o.domain in ('', 'ai.onnx')] == [18]
+    umask = os.umask(0); os.umask(umask)
+    for f in (model_file, tmp_path/'model.onnx'): assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f  # export_reid's file (safetensors) too
     paths = list(df[df.split == 'query'].path[:7])
     x = torch.stack([image2tensor(predictor.resize(PILImage.create(p), split_idx=1)) for p in paths])
     for b in (x, x[:1], torch.randint(0, 256, (3, 3, 64, 32), dtype=torch.uint8)):
@@ -158,3 +162,147 @@ def test_gallery_sources(model_file, df, tmp_path):
     with pytest.raises(FileNotFoundError, match='nowhere'): ReIDIndex.build(predictor, tmp_path/'nowhere')
     with pytest.raises(ValueError, match="split 'test'"): ReIDIndex.build(predictor, df, split='test')
     with pytest.raises(ValueError, match='k=0'): by_df.search(g.path.iloc[:1], k=0)
+
+# ---------------------------------------------------------------- hardening, round 2 (issue 23)
+@pytest.fixture(scope='module')
+def untrained(df, tmp_path_factory):
+    "A predictor of an untrained resnet18 (no training: quick) and its model file"
+    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.inference import save_reid
+    torch.manual_seed(0)
+    fn = save_reid(ReIDModel('resnet18', n_ids=4), tmp_path_factory.mktemp('untrained')/'m.reid', size=(64, 32))
+    return load_reid(fn)
+
+def gallery_of(df): return df[df.split == 'gallery']
+
+def test_ivf_never_pads_with_missing_neighbours(untrained, df):
+    "An IVF index whose probed list holds fewer than k images: k real, distinct results, not FAISS's -1 read as the last image"
+    import faiss
+    g = gallery_of(df)
+    ivf = ReIDIndex.build(untrained, g, backend='faiss', faiss_factory='IVF4,Flat')
+    qf = untrained(df[df.split == 'query'].path.iloc[:4])
+    assert (ivf.faiss_index.search(qf.numpy(), len(g))[1] == -1).any()  # what FAISS itself returns with nprobe=1
+    d,i = ivf.nearest(qf, len(g))
+    assert torch.equal(i.sort(dim=1).values, torch.arange(len(g)).expand(4, -1)) and torch.isfinite(d).all()
+    assert faiss.extract_index_ivf(ivf.faiss_index).nprobe == 1  # left as it was
+    res = ivf.search(df[df.split == 'query'].path.iloc[:2], k=len(g))
+    assert len(res) == 2*len(g) and res.groupby('query').path.nunique().tolist() == [len(g)]*2
+    assert sorted(res.path.unique()) == sorted(map(str, g.path)) and res.distance.max() < 10
+
+def test_search_drops_what_an_index_does_not_find(untrained, df):
+    "An approximate index that still finds fewer than k (FAISS's -1) gives fewer rows, never a made-up one"
+    g = gallery_of(df)
+    class Partial:  # a FAISS-like index that finds the 2 nearest only
+        def search(self, x, k):
+            d,i = np.zeros((len(x), k), 'float32'),np.full((len(x), k), -1)
+            i[:, :2] = [0, 1]; d[:, :2] = [1, .9]; d[:, 2:] = -3.4e38
+            return d,i
+    index = ReIDIndex(untrained, list(map(str, g.path)), untrained(g), torch.tensor(g.pid.values), backend='faiss', faiss_index=Partial())
+    d,i = index.nearest(untrained(g.path.iloc[:1]), 5)
+    assert i[0, 2:].eq(-1).all() and torch.isinf(d[0, 2:]).all()
+    res = index.search(g.path.iloc[:2], k=5)
+    assert len(res) == 4 and res['rank'].tolist() == [1, 2, 1, 2] and res.path.tolist() == [str(p) for p in g.path.iloc[[0, 1, 0, 1]]]
+    index.show(g.path.iloc[:2], k=5)
+
+def test_gallery_ids_checked_as_reid_dls_checks_them(untrained, df):
+    "A NaN or fractional pid is refused as `reid_dls` refuses it, not stored as -9223372036854775808"
+    g = gallery_of(df)
+    with pytest.raises(ValueError, match=r"gallery: df column 'pid', row \d+: nan is not an integer"):
+        ReIDIndex.build(untrained, g.assign(pid=g.pid.where(g.index != g.index[3])))
+    with pytest.raises(ValueError, match="df column 'camid'"): ReIDIndex.build(untrained, g.assign(camid=g.camid + 0.5))
+    with pytest.raises(ValueError, match="pid"):
+        reid_dls(df.assign(pid=df.pid.where(df.index != g.index[3])), size=(64, 32))  # the same check
+
+@pytest.mark.parametrize('backend', ['exact', 'faiss'])
+def test_query_checks_and_empty_queries_on_both_backends(untrained, df, backend):
+    "Both backends: NaN queries and a wrong dimension are refused with the same message; no query gives an empty result"
+    index = ReIDIndex.build(untrained, gallery_of(df), backend=backend)
+    with pytest.raises(ValueError, match=r'feats holds NaN or inf \(row 1\)'):
+        index.nearest(torch.cat([torch.ones(1, 512), torch.full((1, 512), float('nan'))]), 3)
+    with pytest.raises(ValueError, match=r'expected float features \(n_query, 512\).*shape \(2, 7\)'): index.nearest(torch.zeros(2, 7), 3)
+    d,i = index.nearest(torch.zeros(0, 512), 3)
+    assert d.shape == i.shape == (0, 3) and i.dtype == torch.long
+
+def test_save_to_a_folder_or_under_a_file(untrained, df, tmp_path):
+    "Saving an index where a folder is, or under a file, names the user's path (not the temporary file) and says what is wrong"
+    index = ReIDIndex.build(untrained, gallery_of(df).iloc[:3])
+    (tmp_path/'s5').mkdir(); (tmp_path/'notes.txt').write_text('x')
+    with pytest.raises(IsADirectoryError) as e: index.save(tmp_path/'s5')
+    assert str(e.value) == f"{str(tmp_path/'s5')!r} is a folder: expected the name of a file to write"
+    with pytest.raises(NotADirectoryError) as e: index.save(tmp_path/'notes.txt'/'g.idx')
+    assert 'is a file, not a folder' in str(e.value) and '.tmp' not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt', 's5'] and not list((tmp_path/'s5').iterdir())
+
+def test_load_learner_features_say_the_loaders_are_empty(learn, tmp_path):
+    "fastai's `learn.export` empties the DataLoaders: say so and what to call, not that the items are not a DataFrame"
+    from fastai.learner import load_learner
+    learn.path = tmp_path
+    learn.export('export.pkl')
+    l2 = load_learner(tmp_path/'export.pkl')
+    with pytest.raises(ValueError, match=r'holds no images: `learn.export` saves the DataLoaders empty.*learn.dls.reid_dl\(df\)'):
+        l2.reid_features(l2.dls.query)
+
+def test_image_errors_name_what_was_passed(untrained, df, tmp_path):
+    "A HxWxC tensor is reported with its own shape; a broken link is named as in the folder; on_bad_image='skip' leaves it out"
+    with pytest.raises(ValueError, match=r'got Tensor of shape \(64, 32, 3\) and dtype torch.uint8'):
+        untrained(torch.zeros(64, 32, 3, dtype=torch.uint8))
+    gal = tmp_path/'gallery'; gal.mkdir()
+    for p in gallery_of(df).path.iloc[:4]: (gal/p.name).symlink_to(p)
+    (gal/'0099_c1s1_000001_00.jpg').symlink_to(tmp_path/'moved_away.jpg')
+    with pytest.raises(FileNotFoundError, match=r"gallery\[4\]: no image file '.*gallery/0099_c1s1_000001_00.jpg' \(a symbolic link to .*moved_away.jpg', which does not exist\).*on_bad_image='skip'"):
+        ReIDIndex.build(untrained, gal)
+    with pytest.warns(UserWarning, match=r'skipping 1 unreadable image\(s\): .*gallery/0099_c1s1_000001_00.jpg'):
+        index = ReIDIndex.build(untrained, gal, on_bad_image='skip')
+    assert len(index) == 4 and all(Path(p).parent == gal for p in index.paths)  # links keep their names
+    with pytest.raises(ValueError, match="on_bad_image='maybe'"): ReIDIndex.build(untrained, gal, on_bad_image='maybe')
+
+def test_onnx_opsets_the_exporter_cannot_write(untrained, tmp_path, monkeypatch):
+    "An opset older than the exporter writes is refused before exporting; a graph of another opset is never written"
+    import onnx
+    for opset in (9, 17, onnx.defs.onnx_opset_version() + 1, 18.0):
+        with pytest.raises(ValueError, match=f'opset={opset!r}: torch.onnx'): export_onnx(untrained, tmp_path/'m.onnx', opset=opset)
+    g = onnx.helper.make_graph([], 'g', [], [])
+    fake = lambda *a, **k: type('P', (), {'model_proto': onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid('', 18)])})()
+    monkeypatch.setattr(torch.onnx, 'export', fake)  # an exporter that ignores the opset asked for
+    with pytest.raises(ValueError, match=r'opset=20: the exporter made a graph of opset \[18\]'): export_onnx(untrained, tmp_path/'m.onnx', opset=20)
+    assert not list(tmp_path.iterdir())
+
+@pytest.mark.parametrize('factory,expected', [('Foo', 'could not parse index string Foo'), ('IVF1024,Flat', '1024 lists for'),
+                                              ('PQ7', 'multiple of the number of subquantizers')])
+def test_faiss_factory_errors(untrained, df, tmp_path, factory, expected):
+    "A factory string FAISS cannot build is one ValueError naming faiss_factory, raised before any feature is computed"
+    g = gallery_of(df)
+    paths = [*map(str, g.path), str(tmp_path/'missing.jpg')]  # computing the features would fail on this one
+    with pytest.raises(ValueError, match=f"faiss_factory={factory!r}: FAISS cannot index the {len(paths)} gallery features") as e:
+        ReIDIndex.build(untrained, paths, backend='faiss', faiss_factory=factory)
+    assert expected in str(e.value) and "'Flat'" in str(e.value) and len(str(e.value).splitlines()) == 1
+    from fastreid_rollback.inference import _faiss_index
+    with pytest.raises(ValueError, match="faiss_factory='IVF4,PQ4'"): _faiss_index(untrained(g), 'cosine', 'IVF4,PQ4')  # fails in training
+
+@pytest.mark.parametrize('umask', [0o022, 0o002])
+def test_written_files_get_the_umask_mode(untrained, df, tmp_path, umask):
+    "Model files, indexes (safetensors: 0600 before), checkpoints and ONNX-style path writers all get 0666 less the umask"
+    from types import SimpleNamespace
+    from fastreid_rollback.inference import save_reid, checkpoint_to_reid
+    from fastreid_rollback.experiment import save_checkpoint
+    from fastreid_rollback.model import ReIDModel
+    old = os.umask(umask)
+    try:
+        m = ReIDModel('resnet18', n_ids=4)
+        files = [save_reid(m, tmp_path/'m.reid', size=(64, 32)),
+                 save_checkpoint(SimpleNamespace(model=m, opt=None), tmp_path/'ckpt.pth', with_opt=False, arch='resnet18', size=[64, 32])]
+        files.append(checkpoint_to_reid(files[-1], tmp_path/'from_ckpt.reid'))
+        g = gallery_of(df).iloc[:5]
+        files += [ReIDIndex.build(untrained, g).save(tmp_path/'g.idx'), ReIDIndex.build(untrained, g, backend='faiss').save(tmp_path/'f.idx')]
+    finally: os.umask(old)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+
+def test_damaged_faiss_index_in_a_saved_index(untrained, df, tmp_path):
+    "A saved index whose FAISS part cannot be read says so in one line naming the file, not FAISS's raw RuntimeError"
+    from fastreid_rollback.inference import _read_tensors, _write_tensors
+    fn = ReIDIndex.build(untrained, gallery_of(df).iloc[:5], backend='faiss').save(tmp_path/'f.idx')
+    t,meta = _read_tensors(fn, 'index')
+    _write_tensors(tmp_path/'bad.idx', {**t, 'faiss': t['faiss'][:40].clone()}, 'index',
+                   **{k: v for k,v in meta.items() if k not in ('format', 'format_version', 'library_version')})
+    with pytest.raises(ValueError, match=r"index '.*bad.idx': its FAISS index cannot be read \(.*\): build the index again"):
+        ReIDIndex.load(tmp_path/'bad.idx', model=untrained)

@@ -219,6 +219,28 @@ def test_atomic_save_respects_umask(tmp_path, umask):
     assert [p.name for p in tmp_path.iterdir()] == ['a.pth']
 
 
+@pytest.mark.parametrize('umask', [0o022, 0o077, 0o002])
+def test_atomic_write_mode_when_the_writer_replaces_the_file(tmp_path, umask):
+    "A writer that writes by name and replaces the file (safetensors' `save_file` makes it 0600) still gives the umask's mode"
+    from safetensors.torch import save_file
+    old = os.umask(umask)
+    try:
+        fn = atomic_write(tmp_path/'a.safetensors', lambda f: save_file({'x': torch.zeros(2)}, f.name))
+        def replace(f): os.unlink(f.name); os.close(os.open(f.name, os.O_CREAT | os.O_WRONLY, 0o400))
+        fn2 = atomic_write(tmp_path/'b.bin', replace)
+    finally: os.umask(old)
+    assert [oct(f.stat().st_mode & 0o777) for f in (fn, fn2)] == [oct(0o666 & ~umask)]*2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a.safetensors', 'b.bin']
+
+
+def test_atomic_write_to_a_folder_or_under_a_file(tmp_path):
+    "The error names the path asked for and says what is wrong (not the temporary file's rename)"
+    (tmp_path/'d').mkdir(); (tmp_path/'f').write_text('x')
+    with pytest.raises(IsADirectoryError, match=r"'.*/d' is a folder: expected the name of a file to write"): atomic_save({}, tmp_path/'d')
+    with pytest.raises(NotADirectoryError, match=r"'.*/f/sub/a.pth': '.*/f' is a file, not a folder"): atomic_save({}, tmp_path/'f'/'sub'/'a.pth')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['d', 'f'] and not list((tmp_path/'d').iterdir())
+
+
 def test_atomic_save_failure_keeps_the_old_file(tmp_path):
     fn = atomic_save({'x': torch.zeros(2)}, tmp_path/'a.pth')
     with pytest.raises(Exception): atomic_save({'x': lambda: 0}, fn)          # unpicklable
