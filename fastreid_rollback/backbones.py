@@ -163,7 +163,6 @@ def _cut(units, tr, body, taps):
     "Consecutive units grouped into blocks: a new block at each unit that shrinks the map, or after each stage tap"
     groups,cur = [],[]
     for u in units:
-        state = _has_state(body.get_submodule(u))
         starts = taps is None and _shrinks(tr, u) and any(_has_state(body.get_submodule(v)) for v in cur)
         if starts: groups.append(cur); cur = []
         cur.append(u)
