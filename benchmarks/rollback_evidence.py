@@ -372,6 +372,7 @@ def main(argv=None):
     out = Path(a.out) if a.out else (Path(tempfile.mkdtemp())/'rollback_evidence.json' if a.small else ROOT/'benchmarks'/'results'/'rollback_evidence.json')
     images = Path(a.images) if a.images else (out.parent if a.small else ROOT/'nbs'/'images')
     data = Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix='rollback_evidence_'))
+    data.mkdir(parents=True, exist_ok=True)
     times, t_all = {}, time.perf_counter()
     def tick(name, t0): times[name] = round(time.perf_counter()-t0, 1); print(f'{name}: {times[name]} s', flush=True)
     srcs = {n: dict(cfg['sources'][n]) for n in names}
