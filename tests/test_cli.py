@@ -141,22 +141,22 @@ def test_ctrl_c_exits_130_then_resumes(tmp_path, backbone_file):
     "A real Ctrl-C (SIGINT) after the roll-back: one line, exit status 130; --resume then reports the whole run"
     data = synthetic_reid(tmp_path/'syn', n_ids=12, n_cams=2, imgs_per_id_cam=2, n_distractors=2, n_junk=1)
     args = train_args(data, tmp_path/'run', backbone_file)
-    args[args.index('--epochs-per-period')+1] = 3                  # 2 periods of 3 epochs
+    args[args.index('--epochs-per-period')+1] = 6                  # 2 periods of 6 epochs: the signal comes with 5 epochs to go, time to land under load
     p = subprocess.Popen([sys.executable, '-W', 'ignore', '-m', 'fastreid_rollback.cli', *map(str, args)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpts, t0 = tmp_path/'run'/'checkpoints', time.time()
     while not ((ckpts/'period1.pth').exists() and (ckpts/'last.pth').stat().st_mtime > (ckpts/'period1.pth').stat().st_mtime):
         assert p.poll() is None and time.time() - t0 < 600, 'the run ended before it could be interrupted'
         time.sleep(0.1)
-    p.send_signal(signal.SIGINT)                                   # during epoch 4 of 6: after the roll-back at epoch 3
+    p.send_signal(signal.SIGINT)                                   # during epoch 8 of 12: after the roll-back at epoch 6
     err = p.communicate(timeout=300)[1]
     assert p.returncode == 130 and err.strip().splitlines() == ['fastreid-rollback train: interrupted (train --resume continues from the last checkpoint)'], err[-3000:]
     cut = read_checkpoint(ckpts/'last.pth')['meta']
-    assert cut['epoch'] >= 3 and [e['epoch'] for e in cut['rollback_events']] == [3]
+    assert cut['epoch'] >= 6 and [e['epoch'] for e in cut['rollback_events']] == [6]
     q = cli(*args, '--resume')
     assert q.returncode == 0, q.stderr[-3000:]
     run = json.loads((tmp_path/'run'/'results.json').read_text())['runs']['rollback']
-    assert run['rollback_epochs'] == [3] and run['train_time_s'] >= round(cut['train_time_s'], 2)
+    assert run['rollback_epochs'] == [6] and run['train_time_s'] >= round(cut['train_time_s'], 2)
 
 @pytest.mark.parametrize('args,expected', [
     (['train', '--data', '/nonexistent/market', '--dataset', 'market1501'], '/nonexistent/market'),
