@@ -408,12 +408,14 @@ def plot_losses(runs:dict, # {name: ReIDRun}
                ):
     "Training loss per batch of each run, with the roll-back points marked"
     if ax is None: _,ax = plt.subplots(figsize=(8, 4))
+    labelled = False   # one 'roll-back' legend entry, however many runs roll back
     for name,r in runs.items():
         losses = [float(l) for l in r.learn.recorder.losses]
         line, = ax.plot(losses, label=name, alpha=0.9)
         per_epoch = len(losses) / max(r.learn.n_epoch, 1)
-        for i,e in enumerate(r.rollback_epochs):
-            ax.axvline(e*per_epoch, color=line.get_color(), ls='--', lw=1, label='roll-back' if i == 0 else None)
+        for e in r.rollback_epochs:
+            ax.axvline(e*per_epoch, color=line.get_color(), ls='--', lw=1, label=None if labelled else 'roll-back')
+            labelled = True
     ax.set_xlabel('batch'); ax.set_ylabel('training loss (smoothed)'); ax.legend()
     return ax
 
