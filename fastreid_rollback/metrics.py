@@ -167,7 +167,7 @@ class _Gallery:
     def find(self, q_pids):
         "Index in `uids` of each query's identity, and whether the gallery has that identity"
         if not len(self.uids): return torch.zeros_like(q_pids), torch.zeros_like(q_pids, dtype=torch.bool)
-        j = torch.searchsorted(self.uids, q_pids).clamp_max_(len(self.uids) - 1)
+        j = torch.searchsorted(self.uids, q_pids.contiguous()).clamp_max_(len(self.uids) - 1)   # a column of a larger array is a strided view
         return j, (q_pids > 0) & (_at(self.uids, j) == q_pids)
 
     def same_id(self, j, has):
@@ -342,7 +342,7 @@ def _ahead(d, cols, dq, qcol):
 
 def _own_draw_layout(gal, qc, j):
     "Per query, among its identity's columns sorted by camera: how many come before its camera, how many are in it"
-    cd = torch.searchsorted(gal.cams, qc)
+    cd = torch.searchsorted(gal.cams, qc.contiguous())
     qk = j * len(gal.cams) + cd
     lo = torch.searchsorted(gal.cam_key, qk)
     hi = torch.where(_at(gal.cams, cd.clamp_max(len(gal.cams) - 1)) == qc, torch.searchsorted(gal.cam_key, qk, right=True), lo)
