@@ -264,8 +264,10 @@ def hf_hub_cache() -> Path:
 def timm_weights_file(arch:str): # a timm model name, with or without its pretrained tag ('resnet18.a1_in1k')
     "The file of the timm pretrained weights of `arch` in the local Hugging Face cache; an error naming it when it is not there"
     from huggingface_hub import try_to_load_from_cache
-    import timm
-    cfg = timm.create_model(arch.removeprefix('timm/'), pretrained=False, num_classes=0).pretrained_cfg
+    from timm.models import get_pretrained_cfg   # the weights' description, read without building the model
+    cfg = get_pretrained_cfg(arch.removeprefix('timm/'))
+    if cfg is None: raise ValueError(f"arch={arch!r}: timm has no pretrained configuration of that name")
+    cfg = cfg.to_dict()
     repo = cfg.get('hf_hub_id')
     if not repo: raise FileNotFoundError(f"timm has no Hugging Face weights for {arch!r}: pass pretrained=<path of a local weights file>")
     names = [cfg['hf_hub_filename']] if cfg.get('hf_hub_filename') else ['model.safetensors', 'pytorch_model.bin']
