@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_model.ipynb #b558535c
 from __future__ import annotations
-import copy, os, secrets
+import copy, operator, os, secrets
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -384,11 +384,65 @@ def _fold_batchnorms(model:nn.Module) -> nn.Module:
         model.set_submodule(b, nn.Identity())
     return model
 
+_acts = {nn.ReLU: ('relu', []), nn.ReLU6: ('hardtanh', [0., 6.])}  # oneDNN's name and scalars of each activation
+
+class _ConvAct(Module):
+    "`act(conv(x) + other)` (`other` optional): one oneDNN call on a CPU in float32 without autograd, else the separate layers"
+    def __init__(self, conv:nn.Conv2d, act:nn.Module): self.conv,self.act = conv,act
+    def _onednn(self, x):
+        return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling())  # `export_onnx` and `torch.compile` see the layers
+    def forward(self, x, other=None):
+        if not self._onednn(x): return self.act(self.conv(x) if other is None else self.conv(x) + other)
+        c,(name,scalars) = self.conv,_acts[type(self.act)]
+        args = (c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
+        if other is None: return torch.ops.mkldnn._convolution_pointwise(x, *args, name, scalars, '')
+        return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, *args, 'add', 1.0, name, scalars, '')  # into `other`
+
+def _conv_act_sites(g:torch.fx.Graph, mods:dict) -> list:
+    "`(act node, add node or None, conv node, other input or None)` of each activation that reads only a convolution, or its sum with a tensor dead after"
+    calls,order = Counter(n.target for n in g.nodes if n.op == 'call_module'),{n:i for i,n in enumerate(g.nodes)}
+    is_mod = lambda n,t: isinstance(n, torch.fx.Node) and n.op == 'call_module' and isinstance(mods[n.target], t)
+    conv = lambda n: (is_mod(n, nn.Conv2d) and calls[n.target] == 1 and len(n.users) == 1 and mods[n.target].padding_mode == 'zeros'
+                      and not isinstance(mods[n.target].padding, str))
+    sites = []
+    for n in g.nodes:
+        if not is_mod(n, tuple(_acts)): continue
+        s = n.args[0]
+        if conv(s): sites.append((n, None, s, None)); continue
+        if not (isinstance(s, torch.fx.Node) and s.op == 'call_function' and s.target in (operator.add, operator.iadd, torch.add)
+                and len(s.args) == 2 and not s.kwargs and len(s.users) == 1): continue
+        for c,o in (s.args, s.args[::-1]):
+            if conv(c) and isinstance(o, torch.fx.Node) and all(order[u] < order[s] for u in o.users if u is not s):
+                sites.append((n, s, c, o)); break
+    return sites
+
+def _fuse_conv_acts(model:nn.Module) -> nn.Module:
+    "`model` with each convolution that only feeds a ReLU/ReLU6 (directly or through a residual addition) fused with it (`_ConvAct`)"
+    try: gm = torch.fx.symbolic_trace(model)
+    except Exception:  # control flow on tensors: the children one by one
+        for n,c in list(model.named_children()): setattr(model, n, _fuse_conv_acts(c))
+        return model
+    for n in [n for n in gm.graph.nodes if n.op == 'call_module' and isinstance(gm.get_submodule(n.target), nn.Identity)]:
+        n.replace_all_uses_with(n.args[0]); gm.graph.erase_node(n)  # the folded BatchNorms
+    while sites := _conv_act_sites(gm.graph, mods := dict(gm.named_modules())):  # one at a time: a site's `other` may be the activation of the one before
+        act,add,conv,other = sites[0]
+        name = conv.target.replace('.', '_') + '_act'
+        gm.add_submodule(name, _ConvAct(mods[conv.target], mods[act.target]))
+        with gm.graph.inserting_after(act): new = gm.graph.call_module(name, (conv.args[0],) + ((other,) if add else ()))
+        act.replace_all_uses_with(new)
+        for o in (act, add, conv):
+            if o is not None: gm.graph.erase_node(o)
+    gm.graph.lint(); gm.delete_all_unused_submodules(); gm.recompile()
+    return gm if any(isinstance(o, _ConvAct) for o in gm.modules()) else model
+
 def inference_model(model:nn.Module, # a model, possibly wrapped (`unwrap_model`); left as it is
                     fold_bn:bool=True, # fold each BatchNorm that only follows a convolution into that convolution
                     channels_last:bool=True, # store the 4-d weights channels-last
+                    fuse_relu:bool=True, # a convolution (+ residual) followed by a ReLU or ReLU6 as one oneDNN call (CPU, float32, no autograd)
                    ) -> nn.Module:
     "An eval-mode copy of `model` that computes the same outputs faster, for inference only (it has no BatchNorm to train)"
     m = _inference_copy(unwrap_model(model)).eval().requires_grad_(False)
     if fold_bn: _fold_batchnorms(m)
+    if fuse_relu: m = _fuse_conv_acts(m)
     return m.to(memory_format=torch.channels_last) if channels_last else m
