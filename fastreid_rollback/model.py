@@ -399,6 +399,8 @@ class _ConvAct(Module):
         if other is None: return torch.ops.mkldnn._convolution_pointwise(x, *args, name, scalars, '')
         return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, *args, 'add', 1.0, name, scalars, '')  # into `other`
 
+_fresh = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.MaxPool2d, nn.AvgPool2d)  # layers whose output is a new tensor, never a view of their input
+
 def _conv_act_sites(g:torch.fx.Graph, mods:dict) -> list:
     "`(act node, add node or None, conv node, other input or None)` of each activation that reads only a convolution, or its sum with a tensor dead after"
     calls,order = Counter(n.target for n in g.nodes if n.op == 'call_module'),{n:i for i,n in enumerate(g.nodes)}
@@ -413,7 +415,7 @@ def _conv_act_sites(g:torch.fx.Graph, mods:dict) -> list:
         if not (isinstance(s, torch.fx.Node) and s.op == 'call_function' and s.target in (operator.add, operator.iadd, torch.add)
                 and len(s.args) == 2 and not s.kwargs and len(s.users) == 1): continue
         for c,o in (s.args, s.args[::-1]):
-            if conv(c) and isinstance(o, torch.fx.Node) and all(order[u] < order[s] for u in o.users if u is not s):
+            if conv(c) and is_mod(o, _fresh + (_ConvAct,)) and all(order[u] < order[s] for u in o.users if u is not s):  # `other` is overwritten
                 sites.append((n, s, c, o)); break
     return sites
 
