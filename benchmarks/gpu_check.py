@@ -14,7 +14,10 @@ Sections, each with a `status` ('ok', 'failed', 'not run on CPU', 'not available
   pre-trained state exactly (parameters and BN buffers), the kept blocks their trained state.
 - `training_throughput`: the fastai Learner against a plain PyTorch loop with the same model, batches (already on the
   device) and optimizer, interleaved in the same run (goal: the Learner at >= 90% of the plain loop).
-- `feature_extraction`: images/s of `Learner.reid_features` on the gallery loader, and of the model alone.
+- `feature_extraction`: images/s of `Learner.reid_features` on the gallery loader (its fast default and `fast=False`),
+  of the model alone, and of `load_reid`'s predictor on uint8 batches: the path before issue 25 (`old`), the default
+  (`new`) and `fp16=True` (CUDA), each with its features' max difference and min cosine against `old` and whether it is
+  within tolerance (new: 1e-4 and 0.9999; fp16: cosine 0.999).
 
 A section that fails records its error and the others still run; the JSON is rewritten after each section, so a
 killed run keeps what it measured. Exit status 1 when a section failed.
@@ -25,6 +28,7 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 import numpy as np
 import torch
 from torch import nn
+import torch.nn.functional as F
 import fastai, fastcore
 from fastai.callback.core import Callback, CancelValidException
 from fastai.data.core import DataLoaders
@@ -34,6 +38,7 @@ from fastreid_rollback.data import market1501, reid_dls
 from fastreid_rollback.model import block_state, snapshot_blocks, reid_splitter
 from fastreid_rollback.learner import reid_learner
 from fastreid_rollback.rollback import RollbackCallback
+from fastreid_rollback.inference import save_reid, load_reid
 
 root = Path(__file__).resolve().parent.parent
 
@@ -319,8 +324,10 @@ def feature_extraction(ctx):
     learn.model.to(dev)
     learn.reid_features(dls.gallery)                                                     # warm-up
     (f, _, _), t = timed(lambda: learn.reid_features(dls.gallery), dev)
+    (_, _, _), t_plain = timed(lambda: learn.reid_features(dls.gallery, fast=False), dev)
     out = dict(arch=s['arch'], image_size=list(s['img_size']), gallery_images=len(f), feature_dim=f.shape[1],
-               reid_features_flip=dict(images_per_s=round(len(f) / t, 1), seconds=round(t, 3)))
+               reid_features_flip=dict(images_per_s=round(len(f) / t, 1), seconds=round(t, 3)),
+               reid_features_flip_plain=dict(images_per_s=round(len(f) / t_plain, 1), seconds=round(t_plain, 3)))
     m = learn.model.eval()
     x = torch.randn(s['feat_bs'], 3, *s['img_size'], device=dev)
     for name, amp in (('model_fp32', False), ('model_fp16_autocast', True)):
@@ -330,6 +337,25 @@ def feature_extraction(ctx):
         run()
         t, _ = bm.median_time(run, s['reps'], dev)
         out[name] = dict(batch_size=len(x), images_per_s=round(len(x) / t, 1))
+    out['predictor'] = predictor_throughput(ctx, learn.model)
+    return out
+
+def predictor_throughput(ctx, model):
+    "Images/s of `load_reid(...).batch` on uint8 batches: the path before issue 25, the default and fp16, features against the first's"
+    s,dev = ctx.sizes,ctx.device
+    fn = save_reid(model, Path(ctx.tmp)/'features.reid', size=s['img_size'])
+    x = torch.randint(0, 256, (s['feat_bs'], 3, *s['img_size']), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out,ref = {},None
+    for name,kw in (('old', dict(fold_bn=False, channels_last=False, fuse_relu=False)), ('new', {}), ('fp16', dict(fp16=True))):
+        if name == 'fp16' and dev.type != 'cuda': out[name] = dict(status=NOT_ON_CPU); continue
+        p = load_reid(fn, device=dev, **kw)
+        f = p.batch(x)
+        ref = f if ref is None else ref
+        t, _ = bm.median_time(lambda: p.batch(x), s['reps'], dev)
+        out[name] = dict(batch_size=len(x), images_per_s=round(len(x) / t, 1), max_abs_diff=float((f - ref).abs().max()),
+                         cosine_min=float(F.cosine_similarity(f, ref).min()))
+    out['new']['within_tolerance'] = out['new']['max_abs_diff'] <= 1e-4 and out['new']['cosine_min'] >= 0.9999
+    if 'cosine_min' in out['fp16']: out['fp16']['within_tolerance'] = out['fp16']['cosine_min'] >= 0.999
     return out
 
 # ---------------------------------------------------------------- the run
@@ -391,7 +417,9 @@ def summary(name, r):
         return line
     if name == 'feature_extraction':
         return (f"reid_features {r['reid_features_flip']['images_per_s']} img/s (flip), model fp32 {r['model_fp32']['images_per_s']} img/s"
-                + (f", fp16 {r['model_fp16_autocast']['images_per_s']} img/s" if 'images_per_s' in r['model_fp16_autocast'] else ''))
+                + (f", fp16 {r['model_fp16_autocast']['images_per_s']} img/s" if 'images_per_s' in r['model_fp16_autocast'] else '')
+                + f"; load_reid old {r['predictor']['old']['images_per_s']}, new {r['predictor']['new']['images_per_s']}"
+                + (f", fp16 {r['predictor']['fp16']['images_per_s']} img/s (cos {r['predictor']['fp16']['cosine_min']:.4f})" if 'images_per_s' in r['predictor']['fp16'] else ' img/s'))
     return ''
 
 def main(argv=None):

@@ -5,6 +5,7 @@
 # %% ../nbs/09_inference.ipynb #9c368bcc
 from __future__ import annotations
 import copy, hashlib, json, os, re, warnings
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -15,6 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from fastcore.basics import store_attr, patch, ifnone
+from fastcore.meta import delegates
 from fastai.torch_core import Module, default_device, rank_distrib
 from fastai.learner import Learner
 from fastai.data.transforms import Normalize, IntToFloatTensor, ToTensor, get_image_files
@@ -23,7 +25,7 @@ from fastai.vision.augment import Resize
 from fastprogress.fastprogress import progress_bar
 import matplotlib.pyplot as plt
 from . import __version__
-from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, unwrap_model
+from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, unwrap_model, inference_model
 from .backbones import create_backbone, resnet_archs
 from .data import reid_item_tfms, reid_batch_tfms, find_bad_images, _id_column
 from .metrics import reid_dist
@@ -200,18 +202,44 @@ class _Images(Dataset):
     def __getitem__(self, i): return image2tensor(self.resize(_rgb_image(self.items[i], f'images[{i}]'), split_idx=1))
 
 # %% ../nbs/09_inference.ipynb #188b4059
+def _check_threads(threads):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise ValueError(f"threads={threads!r}: expected None (torch's setting) or an int >= 1")
+    return threads
+
+@contextmanager
+def _num_threads(n:int=None):
+    "Run the block with `n` CPU threads (None: torch's setting), then give torch back its setting"
+    old = torch.get_num_threads()
+    if n: torch.set_num_threads(n)
+    try: yield
+    finally:
+        if n: torch.set_num_threads(old)
+
+def _autocast_dtype(device:torch.device, fp16:bool):
+    "The dtype `ReIDPredictor` autocasts to on `device` (None: float32), or a `ValueError` when `fp16` cannot be used there"
+    if fp16 and device.type != 'cuda': raise ValueError(f"fp16=True: half precision runs on a CUDA device, not on {device}")
+    return torch.float16 if fp16 else None
+
 class ReIDPredictor:
     "Retrieval features of images with a model saved by `export_reid`, preprocessed as `reid_dls` does at test time"
-    def __init__(self, model:ReIDModel, # the network, with its weights
+    def __init__(self, model:ReIDModel, # the network, with its weights (left as it is: the predictor runs a copy)
                  config:dict, # the model file's description (`save_reid`)
                  device=None, # where the network runs (default: the GPU when there is one)
                  fingerprint:str=None, # fingerprint of the weights and feature definition
                  path:Path=None, # the model file
+                 fold_bn:bool=True, # fold BatchNorms into the convolutions before them (`inference_model`): same features, faster
+                 channels_last:bool=True, # run the convolutions channels-last (`inference_model`): same features, faster
+                 fuse_relu:bool=True, # on a CPU, a convolution (+ residual) and the ReLU after it as one oneDNN call (`inference_model`): same features, faster
+                 threads:int=None, # CPU threads while computing features (default: torch's setting, the number of cores)
+                 fp16:bool=False, # autocast to float16 on a CUDA device: faster, features less exact
                 ):
-        store_attr('config,fingerprint,path')
-        self.device = torch.device(ifnone(device, default_device()))
+        store_attr('config,fingerprint,path,fold_bn,channels_last,fuse_relu')
+        self.device,self.threads = torch.device(ifnone(device, default_device())),_check_threads(threads)
+        self.autocast = _autocast_dtype(self.device, fp16)
         feat,r = config['feature'],config['resize']
-        self.net = ReIDFeatures(model, config['mean'], config['std'], feat['flip'], feat['normalize']).to(self.device).eval()
+        self.net = ReIDFeatures(inference_model(model, fold_bn, channels_last, fuse_relu), config['mean'], config['std'], feat['flip'],
+                                feat['normalize']).to(self.device).eval()
         self.resize = Resize(self.size, r['method'], r['pad_mode'], resamples=(Image.Resampling[r['resample'].upper()], Image.NEAREST))
 
     @property
@@ -220,7 +248,8 @@ class ReIDPredictor:
     def batch(self, x:Tensor, # uint8 images (batch, 3, height, width) at `self.size`
              ) -> Tensor: # features (batch, dim), on the CPU
         "Features of a batch of resized uint8 images"
-        with torch.inference_mode(): return self.net(x.to(self.device)).float().cpu()
+        with _num_threads(self.threads), torch.inference_mode(), torch.autocast(self.device.type, self.autocast, self.autocast is not None):
+            return self.net(x.to(self.device, non_blocking=True)).float().cpu()
 
     def __call__(self, images, # image file(s), PIL image(s), uint8 array(s)/tensor(s), or a reader DataFrame
                  bs:int=64, # images per batch
@@ -230,7 +259,7 @@ class ReIDPredictor:
         "Retrieval features of `images`, as `learn.reid_features` computes them"
         items = _image_list(images)
         if not items: raise ValueError("images: expected at least one image")
-        dl = DataLoader(_Images(items, self.resize), batch_size=bs, num_workers=num_workers)
+        dl = DataLoader(_Images(items, self.resize), batch_size=bs, num_workers=num_workers, pin_memory=self.device.type == 'cuda')
         return torch.cat([self.batch(x) for x in (progress_bar(dl, leave=False) if ifnone(progress, len(dl) > 4) else dl)])
 
     def __repr__(self):
@@ -251,8 +280,10 @@ def _build_model(config:dict, state:dict) -> ReIDModel:
     m.load_state_dict(state, assign=True)
     return m
 
+@delegates(ReIDPredictor, but=['fingerprint', 'path'])
 def load_reid(fname, # a file written by `export_reid` (or `save_reid`, or `fastreid-rollback export`)
               device=None, # where the network runs (default: the GPU when there is one)
+              **kwargs, # `ReIDPredictor`'s options: fold_bn, channels_last, fuse_relu, threads, fp16
              ) -> ReIDPredictor:
     "Load an exported model: a `ReIDPredictor` computing its features, without training data or fastai `Learner`"
     state,meta = _read_tensors(fname, 'model')
@@ -262,7 +293,7 @@ def load_reid(fname, # a file written by `export_reid` (or `save_reid`, or `fast
     except Exception as e: raise ValueError(f"model file {str(fname)!r} holds an unusable model description ({type(e).__name__}: {e})") from None
     fp = _fingerprint(state, config)
     if fp != meta.get('fingerprint'): raise ValueError(f"model file {str(fname)!r} is damaged: its weights do not match their fingerprint")
-    return ReIDPredictor(model, config, device, fp, Path(fname).resolve())
+    return ReIDPredictor(model, config, device, fp, Path(fname).resolve(), **kwargs)
 
 # %% ../nbs/09_inference.ipynb #49131fbb
 def _check_k(k) -> int:

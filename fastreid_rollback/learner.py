@@ -19,7 +19,7 @@ from fastai.metrics import accuracy
 import fastai.callback.all  # fastai's standard callbacks: progress table, `fit_one_cycle`, `to_fp16`, ...
 import matplotlib.pyplot as plt
 from PIL import Image
-from .model import ReIDModel, create_reid_model, ReIDLoss, reid_splitter, unwrap_model
+from .model import ReIDModel, create_reid_model, ReIDLoss, reid_splitter, unwrap_model, inference_model
 from .metrics import reid_metrics, reid_dist, protocol_mask, reid_metric_names, _check_int
 from .retrieval import postprocessed_metrics, postprocess_names
 
@@ -133,14 +133,13 @@ def _check_eval_dl(dl, name):
         f"{name}: expected a DataLoader with .pids and .camids (dls.query / dls.gallery from reid_dls), got {type(dl).__name__}")
     if len(dl.pids) == 0: raise ValueError(f"{name}: the DataLoader holds no image")
 
-@patch
-def reid_features(self:Learner, dl, # a DataLoader with `.pids`/`.camids` (e.g. `dls.query`)
-                  flip:bool=True, # add the feature of the horizontally flipped image
-                  normalize:bool=True, # L2-normalise
-                 ):
-    "Retrieval features of the images of `dl`: `(feats, pids, camids)`, on the learner's device"
-    _check_eval_dl(dl, 'dl')
-    m = unwrap_model(self.model)
+def _feature_net(learn:Learner, fast:bool) -> nn.Module:
+    "The network `reid_features` runs: an `inference_model` copy of the learner's model (`fast`), or the model itself"
+    m = unwrap_model(learn.model)
+    return inference_model(m) if fast else m
+
+def _dl_features(m:nn.Module, dl, flip:bool, normalize:bool):
+    "`(feats, pids, camids)` of the images of `dl` by `m` (in eval mode, then put back in its mode)"
     p = next(m.parameters())
     was,fs = m.training,[]
     m.eval()
@@ -156,6 +155,16 @@ def reid_features(self:Learner, dl, # a DataLoader with `.pids`/`.camids` (e.g. 
     if normalize: f = F.normalize(f, dim=1)
     return f, dl.pids.to(f.device), dl.camids.to(f.device)
 
+@patch
+def reid_features(self:Learner, dl, # a DataLoader with `.pids`/`.camids` (e.g. `dls.query`)
+                  flip:bool=True, # add the feature of the horizontally flipped image
+                  normalize:bool=True, # L2-normalise
+                  fast:bool=True, # run an `inference_model` copy (BatchNorms folded, channels-last): same features, faster; the model is not touched
+                 ):
+    "Retrieval features of the images of `dl`: `(feats, pids, camids)`, on the learner's device"
+    _check_eval_dl(dl, 'dl')
+    return _dl_features(_feature_net(self, fast), dl, flip, normalize)
+
 # %% ../nbs/04_learner.ipynb #e5eba26c
 def _query_gallery(learn, query, gallery):
     "The query and gallery DataLoaders to use: given ones, else `learn.dls.query`/`learn.dls.gallery`"
@@ -170,14 +179,16 @@ def _query_gallery(learn, query, gallery):
 def reid_evaluate(self:Learner, query=None, # query DataLoader (default `learn.dls.query`)
                   gallery=None, # gallery DataLoader (default `learn.dls.gallery`)
                   flip:bool=True, # flip test-time augmentation
+                  fast:bool=True, # features by an `inference_model` copy (see `reid_features`)
                   rerank:bool|dict=False, # k-reciprocal re-ranking: True, or a dict of `reid_rerank`'s parameters
                   aqe:bool|dict=False, # average query expansion, before any re-ranking: True, or a dict of `aqe`'s parameters
                   variants:bool=False, # return `postprocessed_metrics`' dict: the result without post-processing too
                   **kwargs):
     "CMC, mAP and mINP of the model on `query` against `gallery` (after AQE and re-ranking when asked), as a `ReIDResult`"
     query,gallery = _query_gallery(self, query, gallery)
-    qf,qp,qc = self.reid_features(query, flip=flip)
-    gf,gp,gc = self.reid_features(gallery, flip=flip)
+    m = _feature_net(self, fast)  # one copy for both
+    qf,qp,qc = _dl_features(m, query, flip, True)
+    gf,gp,gc = _dl_features(m, gallery, flip, True)
     res = postprocessed_metrics(qf, gf, qp, gp, qc, gc, rerank=rerank, aqe=aqe, **kwargs)
     return res if variants else list(res.values())[-1]
 

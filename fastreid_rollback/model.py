@@ -4,12 +4,14 @@
 
 # %% ../nbs/03_model.ipynb #b558535c
 from __future__ import annotations
-import os, secrets
+import copy, operator, os, secrets
+from collections import Counter
 from functools import partial
 from pathlib import Path
 import numpy as np, torch, torchvision
 from torch import nn, Tensor
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from fastcore.basics import store_attr, listify
 from fastcore.foundation import L
 from fastai.torch_core import Module
@@ -20,7 +22,7 @@ from .backbones import (resnet_blocks, resnet_archs, create_backbone, backbone_b
 # %% auto #0
 __all__ = ['atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'create_reid_model',
            'unwrap_model', 'block_names', 'block_modules', 'block_state', 'load_block_state', 'snapshot_blocks',
-           'reid_splitter', 'save_backbone', 'batch_hard_triplet', 'ReIDLoss']
+           'reid_splitter', 'save_backbone', 'batch_hard_triplet', 'ReIDLoss', 'inference_model']
 
 # %% ../nbs/03_model.ipynb #bfac9a4f
 def _check_file_path(path:Path):
@@ -342,3 +344,107 @@ class ReIDLoss(Module):
 
     def activation(self, x): return F.softmax(x, dim=-1)
     def decodes(self, x): return x.argmax(dim=-1)
+
+# %% ../nbs/03_model.ipynb #e83ba6a8
+_hook_dicts = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called', '_forward_pre_hooks',
+               '_forward_pre_hooks_with_kwargs', '_backward_hooks', '_backward_pre_hooks')
+
+def _inference_copy(model:nn.Module) -> nn.Module:
+    "A deep copy of `model` without forward and backward hooks, sharing a ReIDModel's `pretrained_state`"
+    memo = {id(d):type(d)() for m in model.modules() for n in _hook_dicts if (d := getattr(m, n, None))}
+    memo.update({id(s):s for m in model.modules() if (s := getattr(m, 'pretrained_state', None)) is not None})
+    return copy.deepcopy(model, memo)
+
+_bns = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+def _sequential_pairs(model:nn.Module, prefix:str='') -> list:
+    "Names of the (Conv2d, BatchNorm2d) layers adjacent in an `nn.Sequential` of `model`"
+    return [(f'{prefix}{p}.{a}'.replace('..', '.').lstrip('.'), f'{prefix}{p}.{b}'.replace('..', '.').lstrip('.'))
+            for p,s in model.named_modules() if isinstance(s, nn.Sequential)
+            for (a,c),(b,n) in zip(list(s.named_children()), list(s.named_children())[1:])
+            if isinstance(c, nn.Conv2d) and isinstance(n, _bns)]
+
+def _conv_bn_pairs(model:nn.Module, prefix:str='') -> list:
+    "Names of the (Conv2d, BatchNorm) layers of `model` where the BatchNorm is all that reads the convolution's output"
+    try: g = torch.fx.symbolic_trace(model).graph
+    except Exception:  # control flow on tensors: the children one by one
+        kids = list(model.named_children())
+        return [p for n,c in kids for p in _conv_bn_pairs(c, f'{prefix}{n}.')] if kids else _sequential_pairs(model, prefix)
+    mods,calls = dict(model.named_modules()),Counter(n.target for n in g.nodes if n.op == 'call_module')
+    layer = lambda n,t: isinstance(n, torch.fx.Node) and n.op == 'call_module' and isinstance(mods[n.target], t) and calls[n.target] == 1
+    return [(prefix+n.args[0].target, prefix+n.target) for n in g.nodes
+            if layer(n, _bns) and layer(n.args[0], nn.Conv2d) and len(n.args[0].users) == 1]
+
+def _fold_batchnorms(model:nn.Module) -> nn.Module:
+    "`model` (in eval mode) with each BatchNorm that only follows a convolution folded into it, in place"
+    for c,b in _conv_bn_pairs(model):
+        bn = model.get_submodule(b)
+        if bn.running_mean is None: continue  # normalised by batch statistics even in eval mode: not a fixed affine map
+        model.set_submodule(c, fuse_conv_bn_eval(model.get_submodule(c), bn))
+        model.set_submodule(b, nn.Identity())
+    return model
+
+_acts = {nn.ReLU: ('relu', []), nn.ReLU6: ('hardtanh', [0., 6.])}  # oneDNN's name and scalars of each activation
+
+class _ConvAct(Module):
+    "`act(conv(x) + other)` (`other` optional): one oneDNN call on a CPU in float32 without autograd, else the separate layers"
+    def __init__(self, conv:nn.Conv2d, act:nn.Module): self.conv,self.act = conv,act
+    def _onednn(self, x):
+        return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
+                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling())  # `export_onnx` and `torch.compile` see the layers
+    def forward(self, x, other=None):
+        if not self._onednn(x): return self.act(self.conv(x) if other is None else self.conv(x) + other)
+        c,(name,scalars) = self.conv,_acts[type(self.act)]
+        args = (c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
+        if other is None: return torch.ops.mkldnn._convolution_pointwise(x, *args, name, scalars, '')
+        return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, *args, 'add', 1.0, name, scalars, '')  # into `other`
+
+_fresh = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.MaxPool2d, nn.AvgPool2d)  # layers whose output is a new tensor, never a view of their input
+
+def _conv_act_sites(g:torch.fx.Graph, mods:dict) -> list:
+    "`(act node, add node or None, conv node, other input or None)` of each activation that reads only a convolution, or its sum with a tensor dead after"
+    calls,order = Counter(n.target for n in g.nodes if n.op == 'call_module'),{n:i for i,n in enumerate(g.nodes)}
+    is_mod = lambda n,t: isinstance(n, torch.fx.Node) and n.op == 'call_module' and isinstance(mods[n.target], t)
+    conv = lambda n: (is_mod(n, nn.Conv2d) and calls[n.target] == 1 and len(n.users) == 1 and mods[n.target].padding_mode == 'zeros'
+                      and not isinstance(mods[n.target].padding, str))
+    sites = []
+    for n in g.nodes:
+        if not is_mod(n, tuple(_acts)): continue
+        s = n.args[0]
+        if conv(s): sites.append((n, None, s, None)); continue
+        if not (isinstance(s, torch.fx.Node) and s.op == 'call_function' and s.target in (operator.add, operator.iadd, torch.add)
+                and len(s.args) == 2 and not s.kwargs and len(s.users) == 1): continue
+        for c,o in (s.args, s.args[::-1]):
+            if conv(c) and is_mod(o, _fresh + (_ConvAct,)) and all(order[u] < order[s] for u in o.users if u is not s):  # `other` is overwritten
+                sites.append((n, s, c, o)); break
+    return sites
+
+def _fuse_conv_acts(model:nn.Module) -> nn.Module:
+    "`model` with each convolution that only feeds a ReLU/ReLU6 (directly or through a residual addition) fused with it (`_ConvAct`)"
+    try: gm = torch.fx.symbolic_trace(model)
+    except Exception:  # control flow on tensors: the children one by one
+        for n,c in list(model.named_children()): setattr(model, n, _fuse_conv_acts(c))
+        return model
+    for n in [n for n in gm.graph.nodes if n.op == 'call_module' and isinstance(gm.get_submodule(n.target), nn.Identity)]:
+        n.replace_all_uses_with(n.args[0]); gm.graph.erase_node(n)  # the folded BatchNorms
+    while sites := _conv_act_sites(gm.graph, mods := dict(gm.named_modules())):  # one at a time: a site's `other` may be the activation of the one before
+        act,add,conv,other = sites[0]
+        name = conv.target.replace('.', '_') + '_act'
+        gm.add_submodule(name, _ConvAct(mods[conv.target], mods[act.target]))
+        with gm.graph.inserting_after(act): new = gm.graph.call_module(name, (conv.args[0],) + ((other,) if add else ()))
+        act.replace_all_uses_with(new)
+        for o in (act, add, conv):
+            if o is not None: gm.graph.erase_node(o)
+    gm.graph.lint(); gm.delete_all_unused_submodules(); gm.recompile()
+    return gm if any(isinstance(o, _ConvAct) for o in gm.modules()) else model
+
+def inference_model(model:nn.Module, # a model, possibly wrapped (`unwrap_model`); left as it is
+                    fold_bn:bool=True, # fold each BatchNorm that only follows a convolution into that convolution
+                    channels_last:bool=True, # store the 4-d weights channels-last
+                    fuse_relu:bool=True, # a convolution (+ residual) followed by a ReLU or ReLU6 as one oneDNN call (CPU, float32, no autograd)
+                   ) -> nn.Module:
+    "An eval-mode copy of `model` that computes the same outputs faster, for inference only (it has no BatchNorm to train)"
+    m = _inference_copy(unwrap_model(model)).eval().requires_grad_(False)
+    if fold_bn: _fold_batchnorms(m)
+    if fuse_relu: m = _fuse_conv_acts(m)
+    return m.to(memory_format=torch.channels_last) if channels_last else m

@@ -297,6 +297,18 @@ def test_inference_errors(inference_files, args, expected):
     assert lines[0].startswith('fastreid-rollback ') and expected.format(**inference_files) in lines[0], lines[0]
 
 
+def test_index_uses_the_fast_path(inference_files, tmp_path):
+    "`fastreid-rollback index` computes the gallery's features with `load_reid`'s defaults: BatchNorms folded, ReLUs fused, channels-last"
+    from fastreid_rollback.cli import index_images
+    from fastreid_rollback.inference import load_reid
+    from fastreid_rollback.model import _ConvAct
+    idx = index_images(model=str(inference_files['model']), images=str(inference_files['data']/'bounding_box_test'), out=str(tmp_path/'g.idx'))
+    p = idx.predictor
+    assert p.fold_bn and p.channels_last and p.fuse_relu and any(isinstance(m, _ConvAct) for m in p.net.modules())
+    plain = load_reid(inference_files['model'], fold_bn=False, channels_last=False, fuse_relu=False)(idx.paths)
+    assert (idx.feats - plain).abs().max() < 1e-4
+
+
 def test_index_skip_bad_images(inference_files, tmp_path):
     "index --skip-bad-images leaves a broken link out and names it on stderr; without it, the error names the link as it is in the folder"
     gal = tmp_path/'gallery'; gal.mkdir()

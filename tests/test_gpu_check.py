@@ -64,6 +64,10 @@ def test_feature_extraction(run):
     assert f['gallery_images'] > 0 and f['feature_dim'] == 512                # resnet18 at the quick size
     assert f['reid_features_flip']['images_per_s'] > 0 and f['model_fp32']['images_per_s'] > 0
     assert f['model_fp16_autocast'] == {'status': 'not run on CPU'}
+    assert f['reid_features_flip_plain']['images_per_s'] > 0
+    p = f['predictor']
+    assert p['old']['images_per_s'] > 0 and p['new']['images_per_s'] > 0 and p['old']['max_abs_diff'] == 0
+    assert p['new']['within_tolerance'] and p['fp16'] == {'status': 'not run on CPU'}
 
 def test_rerank_section(run):
     "The library's re-ranking and AQE are timed, and the metrics after each are those of their own output"

@@ -105,6 +105,34 @@ def test_onnx_parity(model_file, df, tmp_path):
         assert F.cosine_similarity(got, predictor.batch(b)).min() >= 0.9999
     torch.testing.assert_close(predictor.batch(x), predictor(paths), atol=1e-5, rtol=0)  # the batch is what the predictor sees
 
+def close_to_plain(got, want):
+    "The tolerance of the fast path: max abs difference 1e-4 and cosine >= 0.9999 against the plain float32 path"
+    return (got - want).abs().max() < 1e-4 and F.cosine_similarity(got, want).min() >= 0.9999
+
+@pytest.mark.parametrize('kw', [dict(), dict(fold_bn=False), dict(channels_last=False), dict(fuse_relu=False), dict(threads=1)])
+def test_fast_options_give_the_plain_features(model_file, df, kw):
+    "Each option of `load_reid`, alone or with the defaults, gives the features of the plain path (nothing folded, fused or reordered)"
+    q = list(df[df.split == 'query'].path)
+    want = load_reid(model_file, fold_bn=False, channels_last=False, fuse_relu=False)(q, bs=5)
+    n = torch.get_num_threads()
+    assert close_to_plain(load_reid(model_file, **kw)(q, bs=5), want)
+    assert torch.get_num_threads() == n  # `threads` gives torch its setting back
+
+def test_predictor_options_errors(model_file):
+    with pytest.raises(ValueError, match='fp16=True: half precision runs on a CUDA device'): load_reid(model_file, device='cpu', fp16=True)
+    for t in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f'threads={t!r}: expected None'): load_reid(model_file, threads=t)
+
+def test_learner_features_fast_leave_the_model_as_it_was(learn):
+    "`reid_features` runs a folded, fused copy: the plain features, and the Learner's model untouched (weights, BatchNorms, mode)"
+    m = learn.model
+    before,mode = {k:v.clone() for k,v in m.state_dict().items()},m.training
+    fast,plain = learn.reid_features(learn.dls.gallery)[0],learn.reid_features(learn.dls.gallery, fast=False)[0]
+    assert close_to_plain(fast, plain)
+    assert learn.model is m and m.training == mode and all(torch.equal(v, before[k]) for k,v in m.state_dict().items())
+    assert sum(isinstance(o, torch.nn.BatchNorm2d) for o in m.modules()) == 20
+    assert learn.reid_evaluate().mAP == pytest.approx(learn.reid_evaluate(fast=False).mAP, abs=1e-3)
+
 def test_faiss_topk_equals_exact(model_file, df):
     "On a gallery without ties, FAISS's top-k is the exact search's"
     predictor = load_reid(model_file)
