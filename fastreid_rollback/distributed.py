@@ -14,7 +14,7 @@ from fastai.torch_core import num_distrib
 from fastai.data.core import TfmdDL
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-import fastai.callback.progress  # `Learner.no_bar`
+import fastai.callback.progress  # noqa: F401 (`Learner.no_bar`)
 from .learner import in_validation
 
 # %% auto #0

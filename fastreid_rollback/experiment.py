@@ -4,11 +4,10 @@
 
 # %% ../nbs/06_experiment.ipynb #b9f65b3e
 from __future__ import annotations
-import os, copy, json, time, shutil, hashlib, tempfile
+import copy, json, time, hashlib, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from torch import nn
-from fastcore.foundation import L
 from torchvision.models import get_model_weights
 from fastcore.basics import store_attr
 from fastai.torch_core import set_seed, rank_distrib, default_device
@@ -18,11 +17,11 @@ from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
 from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules, block_names
-from .backbones import weights_cache_file, load_state_file, rollback_cache, _check_keys
+from .backbones import weights_cache_file, load_state_file, rollback_cache
 from .learner import reid_learner, ReIDEvalCallback, in_validation
-from .metrics import _check_int
+from .checks import check_int, check_keys
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
-from .distributed import ddp_ctx  # `Learner.ddp_ctx`
+from .distributed import ddp_ctx  # noqa: F401 (`Learner.ddp_ctx`)
 
 # %% auto #0
 __all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'source_backbone',
@@ -121,7 +120,7 @@ def load_checkpoint(learn:Learner, # the learner to load into (built as the save
     diff = [k for k,v in (expect or {}).items() if k in saved and saved[k] != v]
     if diff: raise ValueError(f"checkpoint {str(path)!r} was written with {', '.join(f'{k}={saved[k]!r}' for k in diff)}, "
                               f"but this run has {', '.join(f'{k}={expect[k]!r}' for k in diff)}: it cannot continue that run")
-    _check_keys(state['model'], model.state_dict(), f"checkpoint {str(path)!r} does not fit the model")
+    check_keys(state['model'], model.state_dict(), f"checkpoint {str(path)!r} does not fit the model")
     model.load_state_dict(state['model'])
     if with_opt and state['opt'] is not None:
         if learn.opt is None: learn.create_opt()
@@ -139,7 +138,7 @@ class CheckpointCallback(Callback):
                  resumed:dict=None, # meta of the checkpoint this fit continues: its training time and records are carried on
                  **meta, # plain values saved with every checkpoint
                 ):
-        if every is not None: _check_int(every, 'every', 0)
+        if every is not None: check_int(every, 'every', 0)
         store_attr(but='meta'); self.meta = meta
 
     def _cb(self, cls): return next((cb for cb in self.learn.cbs if isinstance(cb, cls)), None)
@@ -341,7 +340,7 @@ class PeriodWeightChange(Callback):
     "Record how far each block's weights move within each window of `every` epochs (a period): `||w_end - w_start|| / ||w_start||`"
     order,run_valid = RollbackCallback.order+1,False   # the window starts after the roll-back
     def __init__(self, every:int, # epochs per window: the period length (a baseline is cut into the same windows)
-                ): _check_int(every, 'every', 1); store_attr(); self.changes,self.start = {},None
+                ): check_int(every, 'every', 1); store_attr(); self.changes,self.start = {},None
     def _weights(self):
         m = unwrap_model(self.model)
         return {n: [p.detach().cpu().clone() for _,p in _block_params(m, n)] for n in block_names(m)}

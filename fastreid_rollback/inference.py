@@ -25,8 +25,9 @@ import matplotlib.pyplot as plt
 from . import __version__
 from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, unwrap_model
 from .backbones import create_backbone, resnet_archs
-from .data import reid_item_tfms, reid_batch_tfms, find_bad_images, _id_column
-from .metrics import reid_dist
+from .data import reid_item_tfms, reid_batch_tfms, find_bad_images
+from .checks import check_int, check_option, check_id_column
+from .metrics import reid_dist, reid_dist_names
 from .learner import show_framed_image
 from .experiment import read_checkpoint
 
@@ -265,10 +266,6 @@ def load_reid(fname, # a file written by `export_reid` (or `save_reid`, or `fast
     return ReIDPredictor(model, config, device, fp, Path(fname).resolve())
 
 # %% ../nbs/09_inference.ipynb #49131fbb
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1: raise ValueError(f"k={k!r}: expected an int >= 1")
-    return int(k)
-
 def _query_feats(feats, # query features, as the index's predictor computes them
                  dim:int, # the index's feature dimension
                 ) -> Tensor:
@@ -368,7 +365,7 @@ def _gallery_items(gallery, split):
         if split is not None and 'split' in df:
             df = df[df['split'] == split]
             if not len(df): raise ValueError(f"gallery: the DataFrame has no row with split {split!r}")
-        try: ids = [torch.tensor(_id_column(df, c, lo).to_numpy(copy=True)) if c in df else None for c,lo in (('pid', -1), ('camid', None))]
+        try: ids = [torch.tensor(check_id_column(df, c, lo).to_numpy(copy=True)) if c in df else None for c,lo in (('pid', -1), ('camid', None))]
         except ValueError as e: raise ValueError(f"gallery: {e}") from None  # the check `reid_dls` makes
         return [str(p) for p in df['path']],*ids
     if isinstance(gallery, (str, Path)):
@@ -392,8 +389,7 @@ def _readable(paths:list, pids:Tensor, camids:Tensor):
 
 def _check_options(dist:str, backend:str):
     "Raise a `ValueError` naming `dist` or `backend` when it is not one `ReIDIndex` knows"
-    if backend not in ('exact', 'faiss'): raise ValueError(f"backend={backend!r}: expected 'exact' or 'faiss'")
-    if dist not in ('cosine', 'euclidean'): raise ValueError(f"dist={dist!r}: expected 'cosine' or 'euclidean'")
+    check_option(backend, 'backend', ('exact', 'faiss')); check_option(dist, 'dist', reid_dist_names)
 
 def _feat_dim(predictor) -> int:
     "The dimension of `predictor`'s features (of one blank image)"
@@ -432,7 +428,7 @@ class ReIDIndex:
               faiss_factory:str='Flat', # FAISS `index_factory` string (see `ReIDIndex`)
              ):
         "Compute the features of the images of `gallery` and index them"
-        if on_bad_image not in ('raise', 'skip'): raise ValueError(f"on_bad_image={on_bad_image!r}: expected 'raise' or 'skip'")
+        check_option(on_bad_image, 'on_bad_image', ('raise', 'skip'))
         _check_options(dist, backend)
         paths,pids,camids = _gallery_items(gallery, split)
         if on_bad_image == 'skip': paths,pids,camids = _readable(paths, pids, camids)
@@ -452,7 +448,7 @@ class ReIDIndex:
                 k:int=10, # gallery images per query
                ): # (distances, gallery indices), both (n_query, min(k, len(self))), nearest first; -1 at distance inf: not found
         "The `k` gallery images nearest to each query feature, ranked as the evaluation ranks them (ties by gallery order)"
-        k,feats = min(_check_k(k), len(self)),_query_feats(feats, self.feats.shape[1])
+        k,feats = min(check_int(k, 'k', 1), len(self)),_query_feats(feats, self.feats.shape[1])
         if not len(feats): return torch.zeros(0, k),torch.zeros(0, k, dtype=torch.long)
         if self.backend == 'faiss': return _faiss_nearest(self.faiss_index, feats, k, self.dist)
         return _exact_nearest(feats, self.feats, k, self.dist)

@@ -5,7 +5,6 @@
 # %% ../nbs/04_learner.ipynb #8fcb7e24
 from __future__ import annotations
 import math, inspect
-from pathlib import Path
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
@@ -16,11 +15,12 @@ from fastai.learner import Learner, ValueMetric
 from fastai.callback.core import Callback, CancelValidException
 from fastai.optimizer import OptimWrapper
 from fastai.metrics import accuracy
-import fastai.callback.all  # fastai's standard callbacks: progress table, `fit_one_cycle`, `to_fp16`, ...
+import fastai.callback.all  # noqa: F401 fastai's standard callbacks: progress table, `fit_one_cycle`, `to_fp16`, ...
 import matplotlib.pyplot as plt
 from PIL import Image
 from .model import ReIDModel, create_reid_model, ReIDLoss, reid_splitter, unwrap_model
-from .metrics import reid_metrics, reid_dist, protocol_mask, reid_metric_names, _check_int
+from .metrics import reid_metrics, reid_dist, protocol_mask, reid_metric_names
+from .checks import check_int
 from .retrieval import postprocessed_metrics, postprocess_names
 
 # %% auto #0
@@ -45,7 +45,7 @@ def _dls_n_ids(dls):
     if n is None: raise ValueError("dls has no n_ids (number of training identities) nor vocab: build it with reid_dls")
     return n
 
-def _check_ids(model, dls):
+def _check_head_fits(model, dls):
     "Raise a `ValueError` when the identities of `dls` do not fit the head of `model`"
     m,n = unwrap_model(model),_dls_n_ids(dls)
     if getattr(m, 'n_ids', n) != n: raise ValueError(
@@ -56,7 +56,7 @@ def _check_ids(model, dls):
 class ReIDCallback(Callback):
     "Checks that the dataset fits the head, and hands metrics the logits when the model also returns features"
     order = -5
-    def before_fit(self): _check_ids(self.model, self.dls)
+    def before_fit(self): _check_head_fits(self.model, self.dls)
     def after_loss(self):
         if isinstance(self.pred, tuple): self.learn.pred = self.pred[0]
 
@@ -121,7 +121,7 @@ def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
     n_ids,triplet = _dls_n_ids(dls),'triplet' in loss
     if isinstance(arch, ReIDModel): model = _given_model(arch, loss)
     else: model = create_reid_model(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained, with_feats=triplet, pool=pool, last_stride=last_stride)
-    _check_ids(model, dls)
+    _check_head_fits(model, dls)
     loss_func = kwargs.pop('loss_func', None) or ReIDLoss('ce' in loss, triplet, label_smoothing, triplet_margin, triplet_normalize)
     return Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=reid_splitter, metrics=metrics,
                    cbs=[ReIDCallback(), SkipEmptyValidCallback()]+listify(cbs), **kwargs)
@@ -187,7 +187,7 @@ def _check_eval_options(kwargs:dict):
     known = [k for k in inspect.signature(Learner.reid_evaluate).parameters if k not in ('self', 'query', 'gallery', 'flip', 'rerank', 'aqe', 'variants')]  # its own parameters
     unknown = sorted(set(kwargs) - set(known))
     if unknown: raise ValueError(f"unknown option(s) {unknown}: ReIDEvalCallback passes its keyword arguments to reid_evaluate, which takes {known}")
-    if 'max_rank' in kwargs and _check_int(kwargs['max_rank'], 'max_rank') < 10:
+    if 'max_rank' in kwargs and check_int(kwargs['max_rank'], 'max_rank') < 10:
         raise ValueError(f"max_rank={kwargs['max_rank']}: ReIDEvalCallback records rank-10, so it needs max_rank >= 10")
     ids,opts = torch.tensor([1, 2]),{k:v for k,v in kwargs.items() if k in inspect.signature(reid_metrics).parameters and k != 'max_rank'}
     reid_metrics(torch.eye(2), torch.eye(2), ids, ids, ids, ids+1, **opts)  # a 2 x 2 problem checks every other option
@@ -283,7 +283,7 @@ def show_ranked(self:Learner, n_queries:int=4, # number of queries (rows)
                 figsize:tuple=None, # figure size (default from the grid)
                ):
     "Grid of queries and their `top_k` gallery images, bordered green (true match) or red (wrong)"
-    _check_int(n_queries, 'n_queries', 1); _check_int(top_k, 'top_k', 1)
+    check_int(n_queries, 'n_queries', 1); check_int(top_k, 'top_k', 1)
     query,gallery = _query_gallery(self, query, gallery)
     qf,qp,qc = self.reid_features(query, flip=flip)
     gf,gp,gc = self.reid_features(gallery, flip=flip)

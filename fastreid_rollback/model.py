@@ -7,15 +7,16 @@ from __future__ import annotations
 import os, secrets
 from functools import partial
 from pathlib import Path
-import numpy as np, torch, torchvision
+import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastcore.basics import store_attr, listify
 from fastcore.foundation import L
 from fastai.torch_core import Module
 from fastai.callback.hook import num_features_model
-from .backbones import (resnet_blocks, resnet_archs, create_backbone, backbone_blocks, check_block_cover, set_last_stride, reid_pool, reid_pools,
-                                         load_backbone_weights, tv_families, TorchvisionBody, _check_keys)
+from .backbones import (create_backbone, backbone_blocks, check_block_cover, set_last_stride, reid_pool, reid_pools,
+                                         load_backbone_weights, tv_families, TorchvisionBody)
+from .checks import check_int, check_keys
 
 # %% auto #0
 __all__ = ['atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'create_reid_model',
@@ -164,11 +165,6 @@ class ReIDModel(Module):
 # %% ../nbs/03_model.ipynb #d2e3856c
 _necks = {'classblock': ClassBlock, 'bnneck': BNNeck}
 
-def _check_n_ids(n_ids) -> int:
-    "`n_ids` as an int, or a `ValueError` naming it"
-    if isinstance(n_ids, bool) or not isinstance(n_ids, (int, np.integer)) or n_ids < 1: raise ValueError(f"n_ids={n_ids!r}: expected the number of training identities (an int >= 1)")
-    return int(n_ids)
-
 def _check_last_stride(last_stride) -> int:
     if isinstance(last_stride, bool) or last_stride not in (1, 2): raise ValueError(
         f"last_stride={last_stride!r}: expected 2 (the architecture's own strides) or 1 (the last block keeps the size of its input map)")
@@ -209,7 +205,7 @@ def create_reid_model(
     **kwargs # passed to the head (`ClassBlock`: hidden, p)
 ) -> ReIDModel:
     "A `ReIDModel`: the body of `arch` cut into `blocks`, with its `pretrained` weights (read from a local file), a `pool` and a `neck` head for `n_ids` identities"
-    n_ids,last_stride = _check_n_ids(n_ids),_check_last_stride(last_stride)
+    n_ids,last_stride = check_int(n_ids, 'n_ids', 1),_check_last_stride(last_stride)
     if neck not in _necks: raise ValueError(f"neck={neck!r}: expected one of {list(_necks)}")
     _check_pool(pool)
     if not isinstance(arch, (str, nn.Module)): raise ValueError(f"arch={arch!r}: expected an architecture name or an nn.Module")
@@ -266,7 +262,7 @@ def load_block_state(model:nn.Module, # a ReIDModel, possibly wrapped
                     ):
     "Copy `state` into block `name` in place: parameter objects, devices and dtypes stay"
     own = _block_tensors(model, name)
-    _check_keys(state, own, f"state for block {name!r} does not fit the model")
+    check_keys(state, own, f"state for block {name!r} does not fit the model")
     with torch.no_grad():
         for k,v in own.items(): v.copy_(state[k])
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_rollback.ipynb #e8947b98
 from __future__ import annotations
-import os, sys, copy, random
+import os, copy, random
 from typing import Callable
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -20,7 +20,8 @@ from fastai.callback.schedule import ParamScheduler, SchedNo, combine_scheds, co
 from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 from .model import block_names, block_modules, block_state, load_block_state, reid_splitter, unwrap_model
-from .backbones import load_backbone_weights, _check_keys
+from .backbones import load_backbone_weights
+from .checks import check_keys
 from .learner import in_validation
 
 # %% auto #0
@@ -158,7 +159,7 @@ class RollbackCallback(Callback):
         missing = [n for n in names if n not in src]
         if missing: raise ValueError(f"the pre-trained state has no block(s) {missing}, which are rolled back; it has {list(src)}")
         snap = {n:{k:v.detach().cpu() for k,v in src[n].items()} for n in names}
-        for n in names: _check_keys(snap[n], block_state(self.model, n), f"the pre-trained state of block {n!r} does not fit the model")
+        for n in names: check_keys(snap[n], block_state(self.model, n), f"the pre-trained state of block {n!r} does not fit the model")
         return snap
 
     def period_lrs(self, period:int):
@@ -226,7 +227,7 @@ def plot_group_lrs(lrs:pd.DataFrame, # per batch LRs: `epoch`, `iter` and a colu
     return ax
 
 @patch
-def plot_group_lrs(self:Recorder, ax=None):
+def plot_group_lrs(self:Recorder, ax=None):  # noqa: F811 (`@patch` leaves the function above under this name)
     "Plot the LR per group the last `RollbackCallback` set, roll-backs marked"
     return plot_group_lrs(self.group_lrs, getattr(self, 'rollback_events', None), ax=ax)
 
@@ -336,6 +337,6 @@ def plot_block_grads(stats:pd.DataFrame, # mean squared gradient, epochs x block
     return ax
 
 @patch
-def plot_block_grads(self:Recorder, ax=None):
+def plot_block_grads(self:Recorder, ax=None):  # noqa: F811 (`@patch` leaves the function above under this name)
     "Plot the block gradients the last `BlockGradStats` recorded, roll-backs marked"
     return plot_block_grads(self.block_grads, getattr(self, 'rollback_epochs', None), ax=ax)

@@ -1,5 +1,5 @@
 "Inference outside the training process: fastai's export, `export_reid`/`load_reid`, the gallery index, ONNX, FAISS and their errors."
-import json, os, subprocess, sys, textwrap
+import os, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 import torch.nn.functional as F
@@ -161,7 +161,7 @@ def test_gallery_sources(model_file, df, tmp_path):
     with pytest.raises(ValueError, match='no image file'): ReIDIndex.build(predictor, tmp_path/'empty')
     with pytest.raises(FileNotFoundError, match='nowhere'): ReIDIndex.build(predictor, tmp_path/'nowhere')
     with pytest.raises(ValueError, match="split 'test'"): ReIDIndex.build(predictor, df, split='test')
-    with pytest.raises(ValueError, match='k=0'): by_df.search(g.path.iloc[:1], k=0)
+    with pytest.raises(ValueError, match='k must be >= 1, got 0'): by_df.search(g.path.iloc[:1], k=0)
 
 # ---------------------------------------------------------------- hardening, round 2 (issue 23)
 @pytest.fixture(scope='module')

@@ -1,6 +1,5 @@
 "Failure cases and compatibility checks of `fastreid_rollback.model` that do not fit the notebook"
 import os, pickle, pytest, torch
-from pathlib import Path
 from torch import nn
 from torchvision.models import get_model, ResNet18_Weights
 from fastreid_rollback.backbones import *
@@ -108,9 +107,9 @@ def test_state_file_with_numpy_scalars(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="arch='vgg16'"): create_reid_model('vgg16', n_ids=3)
-    with pytest.raises(ValueError, match='n_ids=0'): create_reid_model('resnet18', n_ids=0)
-    with pytest.raises(ValueError, match='n_ids=2.5'): create_reid_model('resnet18', n_ids=2.5)
-    with pytest.raises(ValueError, match='n_ids=True'): create_reid_model('resnet18', n_ids=True)
+    with pytest.raises(ValueError, match='n_ids must be >= 1, got 0'): create_reid_model('resnet18', n_ids=0)
+    with pytest.raises(ValueError, match='n_ids must be an int, got 2.5'): create_reid_model('resnet18', n_ids=2.5)
+    with pytest.raises(ValueError, match='n_ids must be an int, got True'): create_reid_model('resnet18', n_ids=True)
     with pytest.raises(ValueError, match="neck='fancy'"): create_reid_model('resnet18', n_ids=3, neck='fancy')
     with pytest.raises(ValueError, match="no module 'layer5' for block 'layer5'"):
         create_reid_model(get_model('resnet18'), n_ids=3, blocks=['layer1', 'layer5'])
