@@ -8,7 +8,7 @@ Sections, each with a `status` ('ok', 'failed', 'not run on CPU', 'not available
 - `metric_timings`: the metrics at Market-1501 size (distance matrix given) and MSMT17 size (from features): medians of
   synchronised runs, one `torch.sort` of the distance matrix beside each as the baseline, peak GPU memory, the same
   result as on the CPU.
-- `rerank_aqe`: `reid_rerank` and `aqe` at Market-1501 size, when `fastreid_rollback.retrieval` has them.
+- `rerank_aqe`: `reid_rerank` and `aqe` at Market-1501 size.
 - `rollback_fit`: a real fit (ResNet-50 at 256x128 on the embedded dataset, `RollbackCallback` with 2 periods), fp32 and
   `to_fp16()`: training images/s, and the state check at the period boundary: the rolled-back blocks equal the
   pre-trained state exactly (parameters and BN buffers), the kept blocks their trained state.
@@ -24,7 +24,6 @@ from pathlib import Path
 os.environ.setdefault('MPLBACKEND', 'Agg')
 import numpy as np
 import torch
-from torch import nn
 import fastai, fastcore
 from fastai.callback.core import Callback, CancelValidException
 from fastai.data.core import DataLoaders
@@ -33,7 +32,7 @@ from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
 from fastreid_rollback.model import block_state, snapshot_blocks, reid_splitter
 from fastreid_rollback.learner import reid_learner
-from fastreid_rollback.rollback import RollbackCallback
+from fastreid_rollback.retrieval import reid_rerank, aqe
 
 root = Path(__file__).resolve().parent.parent
 
@@ -145,20 +144,14 @@ def metric_timings(ctx):
 
 # ---------------------------------------------------------------- 3. re-ranking and query expansion
 def rerank_aqe(ctx):
-    "`reid_rerank` and `aqe` at Market-1501 size (features on the device), if the library has them"
-    try: import fastreid_rollback.retrieval as retrieval
-    except ModuleNotFoundError as e:
-        if e.name != 'fastreid_rollback.retrieval': raise
-        return dict(status='not available', reason='fastreid_rollback.retrieval does not exist')
+    "`reid_rerank` and `aqe` at Market-1501 size (features on the device)"
     s,dev = ctx.sizes,ctx.device
     g = torch.Generator().manual_seed(2)
     ids = bm.make_ids(g, **s['market'])
     qf, gf = (f.to(dev) for f in bm.make_feats(g, ids, kind='trained-like', **s['market']))
     dids = [x.to(dev) for x in ids]
     out = dict(queries=len(qf), gallery=len(gf), mAP_plain=round(reid_metrics(qf, gf, *dids).mAP, 4))
-    for name in ('reid_rerank', 'aqe'):
-        f = getattr(retrieval, name, None)
-        if f is None: out[name] = dict(status='not available'); continue
+    for name, f in (('reid_rerank', reid_rerank), ('aqe', aqe)):
         f(qf[:32], gf[:256])                                                             # warm-up
         reset_peak(dev)
         t, r = bm.median_time(lambda: f(qf, gf), s['rerank_reps'], dev)

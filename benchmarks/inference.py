@@ -11,9 +11,9 @@ on the same uint8 batches already at the input size, with the same number of thr
 medians over the repeats after one warm-up batch. Reading and resizing JPEG files (the same code for
 both) is timed separately. Writes benchmarks/results/inference.json and prints a table.
 """
-import argparse, json, os, statistics, sys, tempfile, time
+import argparse, json, os, statistics, tempfile, time
 from pathlib import Path
-import numpy as np, torch
+import torch
 import torch.nn.functional as F
 import onnxruntime as ort
 from fastreid_rollback.model import create_reid_model

@@ -222,7 +222,7 @@ def test_help_lists_commands():
 
 def test_demo_refuses_other_settings(tmp_path):
     "The folder of a demo made with other settings is not replaced without --overwrite (which the message names)"
-    from fastreid_rollback.cli import demo, _is_demo_output
+    from fastreid_rollback.cli import _is_demo_output
     synthetic_reid(tmp_path/'old'/'data', n_ids=4, imgs_per_id_cam=1, seed=5)   # what an earlier demo leaves first
     assert _is_demo_output(tmp_path/'old')
     p = cli('demo', '--out', tmp_path/'old', '--quick')

@@ -197,7 +197,7 @@ class PredsMidFit(Callback):
 
 def test_get_preds_during_ddp_fit(data):
     "`get_preds` inside a fit under `DDPTrainer` (one gloo process here) neither unwraps the model nor leaves it wrapped after the fit"
-    from fastreid_rollback.distributed import DDPTrainer, ShardedDL
+    from fastreid_rollback.distributed import DDPTrainer
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
     try:
         learn = reid_learner(make_dls(data[0]), arch='resnet18', pretrained=data[1])

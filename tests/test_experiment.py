@@ -126,7 +126,7 @@ def test_period_weight_change(small):
     for arm in ('control', 'rollback'):
         ch = PeriodWeightChange(1)
         runs[arm] = (quiet(train_arm, dls, arm, n_periods=2, epochs_per_period=1, arch='resnet18', pretrained=weights, cbs=[ch]), ch)
-    (c, cc), (r, rc) = runs['control'], runs['rollback']
+    (_, cc), (r, rc) = runs['control'], runs['rollback']
     assert sorted(cc.changes) == sorted(rc.changes) == [1, 2] and cc.changes[1] == rc.changes[1]   # period 1 is shared
     assert rc.changes[2]['layer4'] == pytest.approx(block_weight_change(r.learn.model)['layer4'])   # layer4 restarted from the pre-trained state
     assert rc.changes[2]['stem'] != pytest.approx(block_weight_change(r.learn.model)['stem'])       # the stem was kept

@@ -3,8 +3,6 @@ import math, re, warnings, pytest, torch
 from contextlib import nullcontext
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
-from torch import nn
-from fastai.learner import Learner
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.progress import CSVLogger
 from fastai.torch_core import set_seed
@@ -91,7 +89,7 @@ def test_evaluate_and_callback_with_postprocessing(dls):
 
 def test_eval_callback_needs_query_gallery(dls):
     learn = _learner(dls, cbs=ReIDEvalCallback())
-    q, g = dls.query, dls.gallery
+    q = dls.query
     try:
         dls.query = None
         with pytest.raises(ValueError, match='no query DataLoader'): learn.fit(1)
