@@ -18,7 +18,7 @@ from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
 from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules, block_names
 from .backbones import weights_cache_file, load_state_file, rollback_cache
-from .learner import reid_learner, ReIDEvalCallback, in_validation
+from .learner import reid_learner, ReIDEvalCallback, FitOnlyCallback
 from .checks import check_int, check_keys
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
 from .distributed import ddp_ctx  # noqa: F401 (`Learner.ddp_ctx`)
@@ -292,16 +292,15 @@ def results_table(runs:dict, # {name: ReIDRun}
     return pd.DataFrame.from_dict(rows, orient='index').reindex(columns=[*reid_metric_names, 'train_time_s']).round(4)
 
 # %% ../nbs/06_experiment.ipynb #0467e8c8
-class EpochLosses(Callback):
+class EpochLosses(FitOnlyCallback):
     "Record the mean (unsmoothed) training loss of every epoch in `losses`"
     order,run_valid = 60,False
-    def before_fit(self):
-        if not in_validation(self.learn): self.losses = []
+    def before_fit(self): self.losses = []
     def before_epoch(self): self._sum,self._n = 0.,0
     def after_batch(self):
         if self.training: n = len(self.yb[0]) if self.yb else 1; self._sum += float(self.loss)*n; self._n += n
     def after_epoch(self):
-        if not in_validation(self.learn) and self._n: self.losses.append(self._sum/self._n)
+        if self._n: self.losses.append(self._sum/self._n)
 
 def run_record(run:ReIDRun, # a finished run
                losses:EpochLosses=None, # its per-epoch losses, if recorded
@@ -336,7 +335,7 @@ def _rel_change(new:list, old:list) -> float:
     "`||new - old|| / ||old||` over lists of tensors"
     return float(torch.sqrt(sum(((a.float()-b.float())**2).sum() for a,b in zip(new, old))) / torch.sqrt(sum((b.float()**2).sum() for b in old)))
 
-class PeriodWeightChange(Callback):
+class PeriodWeightChange(FitOnlyCallback):
     "Record how far each block's weights move within each window of `every` epochs (a period): `||w_end - w_start|| / ||w_start||`"
     order,run_valid = RollbackCallback.order+1,False   # the window starts after the roll-back
     def __init__(self, every:int, # epochs per window: the period length (a baseline is cut into the same windows)
@@ -345,9 +344,9 @@ class PeriodWeightChange(Callback):
         m = unwrap_model(self.model)
         return {n: [p.detach().cpu().clone() for _,p in _block_params(m, n)] for n in block_names(m)}
     def before_train(self):
-        if not in_validation(self.learn) and self.epoch % self.every == 0: self.start = self._weights()
+        if self.epoch % self.every == 0: self.start = self._weights()
     def after_epoch(self):
-        if in_validation(self.learn) or self.start is None or (self.epoch+1) % self.every: return
+        if self.start is None or (self.epoch+1) % self.every: return
         now = self._weights()
         self.changes[(self.epoch+1)//self.every] = {n: _rel_change(now[n], w) for n,w in self.start.items()}
         self.start = None

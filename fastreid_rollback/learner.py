@@ -24,8 +24,8 @@ from .checks import check_int
 from .retrieval import postprocessed_metrics, postprocess_names
 
 # %% auto #0
-__all__ = ['reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner', 'ReIDEvalCallback',
-           'show_framed_image', 'reid_metric_names']
+__all__ = ['reference_sgd', 'ReIDCallback', 'in_validation', 'FitOnlyCallback', 'SkipEmptyValidCallback', 'reid_learner',
+           'ReIDEvalCallback', 'show_framed_image', 'reid_metric_names']
 
 # %% ../nbs/04_learner.ipynb #ef5c2b2b
 def reference_sgd(params, # parameter groups (from the splitter)
@@ -66,15 +66,19 @@ def in_validation(learn:Learner):
     lock = getattr(learn, 'lock', None)  # held by `validation_context` while it runs, and by nothing else
     return lock is not None and lock.locked()
 
+class FitOnlyCallback(Callback):
+    "A `Callback` whose events are those of `fit` only: `validate` and `get_preds` (also inside a fit) leave it alone"
+    def __call__(self, event_name):
+        return None if in_validation(self.learn) else super().__call__(event_name)
+
 def _number(v):
     "`v` as the `Recorder` logs it: a Python number for a one-element tensor"
     return v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
 
-class SkipEmptyValidCallback(Callback):
+class SkipEmptyValidCallback(FitOnlyCallback):
     "Skips the validation phase of `fit` when `dls.valid` is empty, and drops the columns only it could fill"
     order,skip,kept = 55,False,L()  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
     def before_fit(self):
-        if in_validation(self.learn): return  # `validate` and `get_preds` run their loader as fastai does
         self.skip,self.kept = len(self.dls.valid) == 0,L()
         rec = getattr(self.learn, 'recorder', None)
         if not self.skip or rec is None or not rec.valid_metrics: return
@@ -85,10 +89,10 @@ class SkipEmptyValidCallback(Callback):
         rec.metric_names = names[:n] + valid + names[n+len(mets):]
 
     def before_validate(self):
-        if self.skip and not in_validation(self.learn): raise CancelValidException()
+        if self.skip: raise CancelValidException()
 
     def after_validate(self):
-        if self.skip and self.kept and not in_validation(self.learn): self.recorder.log += [_number(m.value) for m in self.kept]  # the `Recorder` logs nothing for a cancelled validation
+        if self.skip and self.kept: self.recorder.log += [_number(m.value) for m in self.kept]  # the `Recorder` logs nothing for a cancelled validation
 
 # %% ../nbs/04_learner.ipynb #007b88fd
 _losses = ('ce', 'triplet', 'ce+triplet')

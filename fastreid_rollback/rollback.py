@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt
 from fastcore.basics import store_attr, patch
 from fastcore.meta import delegates
 from fastcore.foundation import L
-from fastai.callback.core import Callback
 from fastai.learner import Learner, Recorder, SkipToEpoch
 from fastai.optimizer import OptimWrapper
 from fastai.callback.schedule import ParamScheduler, SchedNo, combine_scheds, combined_cos
@@ -22,7 +21,7 @@ from fastai.torch_core import set_seed
 from .model import block_names, block_modules, block_state, load_block_state, reid_splitter, unwrap_model
 from .backbones import load_backbone_weights
 from .checks import check_keys
-from .learner import in_validation
+from .learner import FitOnlyCallback
 
 # %% auto #0
 __all__ = ['default_keep', 'period_epochs', 'load_pretrained_state', 'clear_opt_state', 'fresh_opt', 'RollbackCallback',
@@ -100,7 +99,7 @@ def _group_owners(model, opt):
 # %% ../nbs/05_rollback.ipynb #5e58e873
 _scheds = ('step', 'one_cycle')
 
-class RollbackCallback(Callback):
+class RollbackCallback(FitOnlyCallback):
     "Train in `n_periods` periods, rolling the high-level blocks back to their pre-trained state between periods"
     order,run_valid = 5,False
     def __init__(self,
@@ -131,7 +130,6 @@ class RollbackCallback(Callback):
 
     def before_fit(self):
         "Check everything, take the snapshot, the parameter groups and the per-period LRs"
-        if in_validation(self.learn): return
         if any(isinstance(cb, ParamScheduler) for cb in self.learn.cbs): raise ValueError(
             "RollbackCallback sets the learning rates itself: remove the ParamScheduler from this fit (fit_one_cycle, "
             "fit_flat_cos, fit_sgdr and lr_find add one); use learn.fit or learn.fit_rollback, with sched='one_cycle' for a 1cycle per period")
@@ -199,7 +197,7 @@ class RollbackCallback(Callback):
 
     def after_fit(self):
         "Leave the roll-backs and LRs in the recorder"
-        if not in_validation(self.learn) and hasattr(self.learn, 'recorder'): self.recorder.rollback_events,self.recorder.group_lrs = self.events,self.lr_df
+        if hasattr(self.learn, 'recorder'): self.recorder.rollback_events,self.recorder.group_lrs = self.events,self.lr_df
 
     @property
     def lr_df(self):
@@ -243,13 +241,12 @@ def _shuffling_loaders(dl):
     inner = getattr(dl, 'dl', None)
     return [dl, inner] if isinstance(inner, DataLoader) else [dl]
 
-class SeedEachEpoch(Callback):
+class SeedEachEpoch(FitOnlyCallback):
     "Seed python, numpy and torch and the training `DataLoader`'s shuffling from (`seed`, epoch) at each epoch start"
     order = SkipToEpoch.order+1
     def __init__(self, seed:int=0, # base seed: epoch `e` starts from `epoch_seed(seed, e)`
                 ): store_attr()
     def before_epoch(self):
-        if in_validation(self.learn): return
         s = epoch_seed(self.seed, self.epoch)
         set_seed(s)
         for dl in _shuffling_loaders(self.dls.train):
@@ -276,18 +273,16 @@ def _sq_sum(ts, device):
     if not ts: return torch.zeros((), device=device)
     return torch.stack([torch.linalg.vector_norm(t.detach()).float() for t in ts]).square().sum()
 
-class BlockGradStats(Callback):
+class BlockGradStats(FitOnlyCallback):
     "Record, per epoch and per block (and the head), the mean squared gradient of the block's parameters and its gradient norm relative to its weight norm"
     order,run_valid = MixedPrecision.order+1,False
     def before_fit(self):
-        if in_validation(self.learn): return
         self.names = block_names(self.model) + ['head']
         self.params = reid_splitter(self.model)
         self.numel = torch.tensor([float(sum(p.numel() for p in ps)) or 1. for ps in self.params])
         self.records,self.rel_records,self.rollback_epochs = [],[],[]
 
-    def before_epoch(self):
-        if not in_validation(self.learn): self.sums,self.rels,self.n = None,None,0
+    def before_epoch(self): self.sums,self.rels,self.n = None,None,0
 
     def before_step(self):
         "Accumulate each block's sum of squared gradients and `||g|| / ||w||` (gradients already unscaled under `MixedPrecision`)"
@@ -300,7 +295,6 @@ class BlockGradStats(Callback):
         self.n += 1
 
     def after_epoch(self):
-        if in_validation(self.learn): return
         if self.n:
             self.records.append([self.epoch] + (self.sums.cpu()/(self.numel*self.n)).tolist())
             self.rel_records.append([self.epoch] + (self.rels.cpu()/self.n).tolist())
@@ -308,7 +302,7 @@ class BlockGradStats(Callback):
         if rb: self.rollback_epochs = [ev['epoch'] for ev in getattr(rb[0], 'events', [])]
 
     def after_fit(self):
-        if not in_validation(self.learn) and hasattr(self.learn, 'recorder'): self.recorder.block_grads,self.recorder.rollback_epochs = self.df,self.rollback_epochs
+        if hasattr(self.learn, 'recorder'): self.recorder.block_grads,self.recorder.rollback_epochs = self.df,self.rollback_epochs
 
     @property
     def df(self):
