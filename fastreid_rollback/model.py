@@ -11,7 +11,6 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from fastcore.basics import store_attr, listify
-from fastcore.foundation import L
 from fastai.torch_core import Module
 from fastai.callback.hook import num_features_model
 from .backbones import (create_backbone, backbone_blocks, check_block_cover, set_last_stride, reid_pool, reid_pools,
@@ -123,17 +122,13 @@ class ReIDModel(Module):
     arch,last_stride,pool_name = None,2,'avg'  # the architecture's name, last stride and pooling (set in `create_reid_model`; `export_reid` records them)
     def __init__(self,
         backbone:nn.Module, # the body: images to a feature map (or to a pooled feature)
-        head:nn.Module=None, # `.neck` then `.classifier`, of sizes `nf` and `n_ids` (`ClassBlock`, `BNNeck`); an int in the older form `ReIDModel(arch, n_ids, **kwargs)`
+        head:nn.Module, # `.neck` then `.classifier`, of sizes `nf` and `n_ids` (`ClassBlock`, `BNNeck`)
         blocks:list|dict=None, # module names of `backbone`, low to high (`resnet_blocks` for a torchvision ResNet)
         pretrained_state:dict=None, # the block states to roll back to (`snapshot_blocks` of the pre-trained model)
         neck_feat:bool=False, # `features` returns the neck output instead of the pooled backbone feature
         with_feats:bool=False, # `forward` returns `(logits, pooled feature)` (for the triplet loss)
         pool:str='avg', # global pooling: 'avg' (the reference), 'max' or 'gem' (generalised mean, learnable p)
-        **kwargs # the older form only: passed to `create_reid_model`
     ):
-        if not isinstance(head, nn.Module):  # the older form, a factory call: `ReIDModel('resnet18', n_ids=10)` is `create_reid_model('resnet18', n_ids=10)`
-            m = create_reid_model(backbone, *L(head), blocks=blocks, pretrained_state=pretrained_state, pool=pool, **kwargs)
-            backbone,head,blocks,pretrained_state = m.backbone,m.head,m.blocks,m.pretrained_state
         self.blocks = _block_spec(blocks)
         _check_blocks(backbone, self.blocks)
         check_block_cover(backbone, self.blocks)

@@ -263,12 +263,12 @@ def test_export_index_search(tmp_path, reid_files):
 def inference_files(reid_files, tmp_path_factory):
     "A model file and a gallery index made from `reid_files`, a model file of another model, and broken files"
     from fastreid_rollback.inference import checkpoint_to_reid, load_reid, save_reid, ReIDIndex
-    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.model import create_reid_model
     ckpt, data = reid_files
     d = tmp_path_factory.mktemp('inference')
     model = checkpoint_to_reid(ckpt, d/'model.reid')
     ReIDIndex.build(load_reid(model), data/'bounding_box_test').save(d/'gallery.idx')
-    save_reid(ReIDModel('resnet18', n_ids=4), d/'other.reid', size=(64, 32))
+    save_reid(create_reid_model('resnet18', n_ids=4), d/'other.reid', size=(64, 32))
     (d/'garbage.bin').write_bytes(b'garbage' * 10)
     (d/'bad.jpg').write_text('not an image')
     (d/'folder').mkdir()

@@ -137,10 +137,10 @@ def test_errors(learn, df, model_file, tmp_path):
 
 def test_bnneck_neck_feature_round_trip(tmp_path):
     "A BNNeck model whose feature is the neck output (wrapped in DataParallel) loads with the same features"
-    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.model import create_reid_model
     from fastreid_rollback.inference import save_reid, ReIDFeatures
     torch.manual_seed(0)
-    m = ReIDModel('resnet18', n_ids=5, neck='bnneck', neck_feat=True).eval()
+    m = create_reid_model('resnet18', n_ids=5, neck='bnneck', neck_feat=True).eval()
     predictor = load_reid(save_reid(torch.nn.DataParallel(m), tmp_path/'m.reid', size=(64, 32), flip=False, normalize=False))
     assert predictor.config['head'] == {'neck': 'bnneck'} and predictor.config['feature'] == {'output': 'neck', 'flip': False, 'normalize': False}
     x = torch.randint(0, 256, (4, 3, 64, 32), dtype=torch.uint8)
@@ -167,10 +167,10 @@ def test_gallery_sources(model_file, df, tmp_path):
 @pytest.fixture(scope='module')
 def untrained(df, tmp_path_factory):
     "A predictor of an untrained resnet18 (no training: quick) and its model file"
-    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.model import create_reid_model
     from fastreid_rollback.inference import save_reid
     torch.manual_seed(0)
-    fn = save_reid(ReIDModel('resnet18', n_ids=4), tmp_path_factory.mktemp('untrained')/'m.reid', size=(64, 32))
+    fn = save_reid(create_reid_model('resnet18', n_ids=4), tmp_path_factory.mktemp('untrained')/'m.reid', size=(64, 32))
     return load_reid(fn)
 
 def gallery_of(df): return df[df.split == 'gallery']
@@ -285,10 +285,10 @@ def test_written_files_get_the_umask_mode(untrained, df, tmp_path, umask):
     from types import SimpleNamespace
     from fastreid_rollback.inference import save_reid, checkpoint_to_reid
     from fastreid_rollback.experiment import save_checkpoint
-    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.model import create_reid_model
     old = os.umask(umask)
     try:
-        m = ReIDModel('resnet18', n_ids=4)
+        m = create_reid_model('resnet18', n_ids=4)
         files = [save_reid(m, tmp_path/'m.reid', size=(64, 32)),
                  save_checkpoint(SimpleNamespace(model=m, opt=None), tmp_path/'ckpt.pth', with_opt=False, arch='resnet18', size=[64, 32])]
         files.append(checkpoint_to_reid(files[-1], tmp_path/'from_ckpt.reid'))

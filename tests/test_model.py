@@ -132,15 +132,13 @@ def test_every_resnet_family(arch):
     assert [len(g) for g in groups[:-1]] == [len(list(p for o in block_modules(m, n) for p in o.parameters())) for n in m.block_names]
 
 
-def test_model_from_parts_and_older_form():
-    "A ReIDModel is its parts; `ReIDModel(arch, n_ids, ...)`, the form of earlier versions, is `create_reid_model` (same weights, same random draws)"
+def test_model_from_parts():
+    "A ReIDModel is its parts, as `create_reid_model` assembles them"
     m = ReIDModel(create_backbone('resnet18'), ClassBlock(512, 9), resnet_blocks, neck_feat=True)
     assert (m.n_ids, m.feat_dim, m.block_names, m.pretrained_state, m.neck_feat) == (9, 512, list(resnet_blocks), None, True)
     with pytest.raises(ValueError, match="no module 'layer9'"): ReIDModel(create_backbone('resnet18'), ClassBlock(512, 9), ['layer9'])
-    torch.manual_seed(0); a = create_reid_model('resnet18', n_ids=7, neck='bnneck', with_feats=True); ra = torch.rand(1)
-    torch.manual_seed(0); b = ReIDModel('resnet18', n_ids=7, neck='bnneck', with_feats=True); rb = torch.rand(1)
-    assert type(b) is ReIDModel and b.with_feats and isinstance(b.head, BNNeck) and torch.equal(ra, rb)
-    assert all(torch.equal(v, b.state_dict()[k]) for k,v in a.state_dict().items())
+    a = create_reid_model('resnet18', n_ids=7, neck='bnneck', with_feats=True)
+    assert type(a) is ReIDModel and a.with_feats and isinstance(a.head, BNNeck)
     assert a.training and a.backbone.training   # finding the feature size left the body in training mode
 
 def test_torchvision_module_backbone():
