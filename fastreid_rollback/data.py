@@ -17,7 +17,7 @@ from fastai.data.transforms import ColReader, Normalize
 from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.data import get_grid
 from fastai.vision.augment import Resize, ResizeMethod, FlipItem, RandomErasing
-from .checks import check_int, check_id_column
+from .checks import check_int, check_option, check_id_column
 from .synthetic import market1501_dirs  # the Market-1501 layout the readers read
 
 # %% auto #0
@@ -374,7 +374,7 @@ def _check_df(df:pd.DataFrame, on_bad_image:str) -> pd.DataFrame:
     "Validate a reader DataFrame (ids as int64); drop unreadable images when `on_bad_image='skip'`"
     if not isinstance(df, pd.DataFrame) or not {'path', 'pid', 'camid', 'split'} <= set(df.columns):
         raise ValueError("df must be a DataFrame with the columns path, pid, camid, split (as the readers return)")
-    if on_bad_image not in ('raise', 'skip'): raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+    check_option(on_bad_image, 'on_bad_image', ('raise', 'skip'))
     for s in ('train', 'query', 'gallery'):
         if not (df.split==s).any(): raise ValueError(f"df has no row with split {s!r}")
     df = df.assign(pid=check_id_column(df, 'pid', -1), camid=check_id_column(df, 'camid'))

@@ -254,7 +254,7 @@ def test_image_errors_name_what_was_passed(untrained, df, tmp_path):
     with pytest.warns(UserWarning, match=r'skipping 1 unreadable image\(s\): .*gallery/0099_c1s1_000001_00.jpg'):
         index = ReIDIndex.build(untrained, gal, on_bad_image='skip')
     assert len(index) == 4 and all(Path(p).parent == gal for p in index.paths)  # links keep their names
-    with pytest.raises(ValueError, match="on_bad_image='maybe'"): ReIDIndex.build(untrained, gal, on_bad_image='maybe')
+    with pytest.raises(ValueError, match="on_bad_image must be one of 'raise', 'skip', got 'maybe'"): ReIDIndex.build(untrained, gal, on_bad_image='maybe')
 
 def test_onnx_opsets_the_exporter_cannot_write(untrained, tmp_path, monkeypatch):
     "An opset older than the exporter writes is refused before exporting; a graph of another opset is never written"
