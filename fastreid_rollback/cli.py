@@ -126,7 +126,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
           epochs_per_period:int=40, # epochs in each period
           bs:int=32, # batch size (per process when launched on several)
           size:int=(288, 144), # input height and width (two numbers)
-          lr:float=0.01, # base learning rate
+          lr:float=0.01, # base learning rate (`reference_lr`, written out: the CLI answers --help without importing torch)
           out:str='runs', # folder for checkpoints, results and plots
           baseline:store_true=False, # train the one-period baseline (same total epochs) instead
           resume:store_true=False, # continue from out/checkpoints/last.pth
@@ -160,7 +160,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
     if rank_distrib(): return None  # several processes: the first one writes the model and the report
     config = dict(data=str(data), dataset=dataset, arch=arch, pool=pool, last_stride=last_stride, periods=periods, epochs_per_period=epochs_per_period, bs=bs,
                   size=list(size), lr=lr, baseline=baseline, pretrained=pretrained, seed=seed)
-    save_checkpoint(run.learn, Path(out)/'model.pth', with_opt=False, **config, n_ids=dls.n_ids, epoch=n_periods*epp-1)
+    save_checkpoint(run.learn, Path(out)/'model.pth', with_opt=False, **config, n_ids=dls.n_ids, epoch=run.learn.n_epoch-1)
     table = save_report({run.name: run}, out, config=config, ranked=run.name)
     print(table.to_string())
     return table

@@ -18,7 +18,7 @@ from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
 from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules, block_names
 from .backbones import weights_cache_file, load_state_file, rollback_cache
-from .learner import reid_learner, ReIDEvalCallback, FitOnlyCallback
+from .learner import reid_learner, ReIDEvalCallback, FitOnlyCallback, reference_lr
 from .checks import check_int, check_keys
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
 from .distributed import ddp_ctx  # noqa: F401 (`Learner.ddp_ctx`)
@@ -201,7 +201,7 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                pretrained=True, # True (ImageNet, local cache only), False, or a local backbone file
                n_periods:int=4, # periods of the rolling-back schedule; 1 is the baseline
                epochs_per_period:int=40, # epochs in each period
-               lr:float=0.01, # base learning rate (the reference's 0.01)
+               lr:float=reference_lr, # base learning rate (the reference's)
                name:str=None, # name of the run in tables and plots
                out:str|Path=None, # folder for checkpoints (none when None)
                checkpoint_every:int=None, # also checkpoint every this many epochs
@@ -239,7 +239,7 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                 start = resumed['epoch'] + 1
             cbs.append(CheckpointCallback(ckpt, every=checkpoint_every, resumed=resumed, **{**(meta or {}), **run}))
         t0 = time.perf_counter()
-        learn.fit(n_periods*epochs_per_period, lr, cbs=cbs, start_epoch=start)
+        learn.fit(rollback.total_epochs, lr, cbs=cbs, start_epoch=start)
     train_time = time.perf_counter() - t0 + (resumed or {}).get('train_time_s', 0.)
     if resumed: _carry_on(learn, resumed, rollback, grads)
     name = name or ('baseline' if n_periods == 1 else f'rollback x{n_periods}')

@@ -24,12 +24,14 @@ from .checks import check_int
 from .retrieval import postprocessed_metrics, postprocess_names
 
 # %% auto #0
-__all__ = ['reference_sgd', 'ReIDCallback', 'in_validation', 'FitOnlyCallback', 'SkipEmptyValidCallback', 'reid_learner',
-           'ReIDEvalCallback', 'show_framed_image', 'reid_metric_names']
+__all__ = ['reference_lr', 'reference_sgd', 'ReIDCallback', 'in_validation', 'FitOnlyCallback', 'SkipEmptyValidCallback',
+           'reid_learner', 'ReIDEvalCallback', 'show_framed_image', 'reid_metric_names']
 
 # %% ../nbs/04_learner.ipynb #ef5c2b2b
+reference_lr = 0.01  # the reference's base learning rate: `reference_sgd`'s, `train_reid`'s and `Learner.fit_rollback`'s default
+
 def reference_sgd(params, # parameter groups (from the splitter)
-                  lr:float=0.01, # learning rate (fastai sets it per group on `fit`)
+                  lr:float=reference_lr, # learning rate (fastai sets it per group on `fit`)
                   mom:float=0.9, # momentum
                   wd:float=5e-4, # weight decay, coupled (L2 added to the gradient) as in `torch.optim.SGD`
                   nesterov:bool=True, # Nesterov momentum

@@ -21,7 +21,7 @@ from fastai.torch_core import set_seed
 from .model import block_names, block_modules, block_state, load_block_state, reid_splitter, unwrap_model
 from .backbones import load_backbone_weights
 from .checks import check_keys
-from .learner import FitOnlyCallback
+from .learner import FitOnlyCallback, reference_lr
 
 # %% auto #0
 __all__ = ['default_keep', 'period_epochs', 'load_pretrained_state', 'clear_opt_state', 'fresh_opt', 'RollbackCallback',
@@ -127,6 +127,11 @@ class RollbackCallback(FitOnlyCallback):
         if not (reset_opt is True or reset_opt is False or reset_opt == 'rolled_back'):
             raise ValueError(f"reset_opt={reset_opt!r}: expected True (fresh optimizer), 'rolled_back' or False")
         store_attr()
+
+    @property
+    def total_epochs(self):
+        "Epochs of the whole schedule, `n_periods` x `epochs_per_period` (None when `epochs_per_period` is left to the fit)"
+        return None if self.epochs_per_period is None else self.n_periods*self.epochs_per_period
 
     def before_fit(self):
         "Check everything, take the snapshot, the parameter groups and the per-period LRs"
@@ -256,7 +261,7 @@ class SeedEachEpoch(FitOnlyCallback):
 @patch
 @delegates(RollbackCallback, but=['n_periods', 'epochs_per_period', 'keep'])
 def fit_rollback(self:Learner, epochs_per_period:int, # epochs of each period
-                 lr:float|slice=None, # base LR (default: the reference's 0.01); a slice gives discriminative LRs
+                 lr:float|slice=None, # base LR (default: `reference_lr`); a slice gives discriminative LRs
                  n_periods:int=4, # number of periods
                  keep:list=None, # per period boundary, the blocks that keep their weights (default: `default_keep`)
                  wd:float=None, # weight decay (default: `learn.wd`)
@@ -265,7 +270,7 @@ def fit_rollback(self:Learner, epochs_per_period:int, # epochs of each period
                  **kwargs):
     "Fit `n_periods` periods of `epochs_per_period` epochs, rolling the high-level blocks back between periods"
     cb = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period, keep=keep, **kwargs)
-    self.fit(n_periods*epochs_per_period, 0.01 if lr is None else lr, wd=wd, cbs=L(cbs)+[cb], start_epoch=start_epoch)
+    self.fit(cb.total_epochs, reference_lr if lr is None else lr, wd=wd, cbs=L(cbs)+[cb], start_epoch=start_epoch)
 
 # %% ../nbs/05_rollback.ipynb #3d3294f3
 def _sq_sum(ts, device):

@@ -327,3 +327,10 @@ print('CODE', code, sorted({{m.split('.')[0] for m in sys.modules}} & {heavy!r})
 """
     p = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=120)
     assert p.stdout.splitlines()[-1] == f"CODE {code} []", (p.stdout[-500:], p.stderr[-2000:])
+
+def test_train_lr_default_is_the_reference():
+    "The CLI writes the reference LR out (its --help imports no torch): it is `reference_lr`"
+    import inspect
+    from fastreid_rollback.cli import train
+    from fastreid_rollback.learner import reference_lr
+    assert inspect.signature(train).parameters['lr'].default == reference_lr
