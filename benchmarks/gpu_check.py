@@ -33,6 +33,7 @@ from fastreid_rollback.data import market1501, reid_dls
 from fastreid_rollback.model import block_state, snapshot_blocks, reid_splitter
 from fastreid_rollback.learner import reid_learner
 from fastreid_rollback.retrieval import reid_rerank, aqe
+import fastreid_rollback.rollback  # noqa: F401 (`Learner.fit_rollback`)
 
 root = Path(__file__).resolve().parent.parent
 
