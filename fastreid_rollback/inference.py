@@ -292,7 +292,7 @@ def _ranked_nearest(d:Tensor, k:int):
 
 def _exact_nearest(qf:Tensor, gf:Tensor, k:int, dist:str):
     "`_ranked_nearest` of the `reid_dist` distances, a chunk of queries at a time"
-    rows = max(64, (2**24 // len(gf)) // 64 * 64)  # a multiple of `reid_dist`'s block of 64 queries
+    rows = max(64, (2**24 // len(gf)) // 64 * 64)  # a multiple of `reid_dist`'s tile of 64 queries
     out = [_ranked_nearest(reid_dist(qf[a:a+rows], gf, dist), k) for a in range(0, len(qf), rows)]
     return torch.cat([o[0] for o in out]),torch.cat([o[1] for o in out])
 

@@ -39,7 +39,7 @@ def protocol_mask(q_pids, # identity of each query
     return _kept(qp[:, None], gp, qc[:, None], gc)
 
 # %% ../nbs/00_metrics.ipynb #fe9a25de
-_block = 64
+_tile = 64
 
 def dist_feats(qf:Tensor, # (n_query, dim) features, checked (see `check_feats`)
                gf:Tensor, # (n_gallery, dim) features, checked
@@ -58,10 +58,10 @@ def sims_to_dists(d:Tensor, # (rows, cols) products of `dist_feats`' features: m
     return d.mul_(-2).add_(qn[:, None]).add_(gn).clamp_min_(0).sqrt_()
 
 def _dist_rows(qf, gf, qn, gn, a, b):
-    "Distances of queries `a`..`b-1` to the gallery, in blocks of `_block` queries aligned on multiples of `_block`"
+    "Distances of queries `a`..`b-1` to the gallery, in tiles of `_tile` queries aligned on multiples of `_tile`"
     out = qf.new_empty(b - a, len(gf))
-    for s in range(a - a % _block, b, _block):
-        e = min(s + _block, len(qf))
+    for s in range(a - a % _tile, b, _tile):
+        e = min(s + _tile, len(qf))
         lo, hi = max(s, a), min(e, b)
         if (lo, hi) == (s, e): d = torch.mm(qf[s:e], gf.T, out=out[s - a:e - a])
         else: d = torch.mm(qf[s:e], gf.T)
@@ -258,16 +258,16 @@ def _query_scores(ranks, n, ap):
     return ranks[:, 0], aps, inp
 
 # %% ../nbs/00_metrics.ipynb #571b1cbb
-_repeats, _draw_block = 10, 64   # draws per query; queries per generator, so a query's draws do not depend on the chunks
+_repeats, _draw_group = 10, 64   # draws per query; queries per generator, so a query's draws do not depend on the chunks
 
 def _uniform_draws(seed, a, b, n):
-    "(b-a, `_repeats`, `n`) uniforms in [0, 1) for the queries `a`..`b-1`: a CPU generator per block of queries, seeded by (seed, block)"
+    "(b-a, `_repeats`, `n`) uniforms in [0, 1) for the queries `a`..`b-1`: a CPU generator per group of queries, seeded by (seed, group)"
     out = []
-    for block in range(a // _draw_block, (b - 1) // _draw_block + 1):
-        state = np.random.SeedSequence([seed % 2**64, block]).generate_state(1, np.uint64)[0]
-        u = torch.rand(_draw_block, _repeats, n, generator=torch.Generator().manual_seed(int(state)))
-        s = block * _draw_block
-        out.append(u[max(a, s) - s:min(b, s + _draw_block) - s])
+    for group in range(a // _draw_group, (b - 1) // _draw_group + 1):
+        state = np.random.SeedSequence([seed % 2**64, group]).generate_state(1, np.uint64)[0]
+        u = torch.rand(_draw_group, _repeats, n, generator=torch.Generator().manual_seed(int(state)))
+        s = group * _draw_group
+        out.append(u[max(a, s) - s:min(b, s + _draw_group) - s])
     return torch.cat(out)
 
 def _draw(u, n):
@@ -431,7 +431,7 @@ def reid_metrics(query_feats, # (n_query, dim) features
     ids = check_reid_ids(q_pids, g_pids, q_camids, g_camids, len(qf), len(gf), 'query_feats', qf.device)
     max_rank, seed = _check_opts(max_rank, protocol, ap, seed)
     feats = dist_feats(qf, gf, dist)
-    chunk = _chunk_rows(chunk_size, len(gf), _block, qf.device)
+    chunk = _chunk_rows(chunk_size, len(gf), _tile, qf.device)
     return _evaluate(lambda a, b: _dist_rows(*feats, a, b), len(qf), *ids, max_rank, protocol, ap, chunk, seed,
                      'the distances of query_feats and gallery_feats')
 

@@ -23,26 +23,26 @@ def _at2(x, r, c):
     "`x[r, c]` for a contiguous 2-D `x`"
     return take_1d(x.view(-1), r * x.shape[1] + c)
 
-def _default_block(device, cpu, gpu):
+def _device_size(device, cpu, gpu):
     "A size: `cpu` on the CPU, `gpu` elsewhere"
     return cpu if device.type == 'cpu' else gpu
 
-def _row_blocks(n, nq, size):
+def _row_tiles(n, nq, size):
     "Ranges of at most `size` rows covering 0..n-1, none straddling the query/gallery boundary `nq`"
     return [(s, min(s + size, e)) for a, e in ((0, nq), (nq, n)) for s in range(a, e, size)]
 
-def _block_values(X, norms, a, b, c, d, out):
+def _tile_values(X, norms, a, b, c, d, out):
     "Rows a..b-1 of `X` against rows c..d-1, into `out`: cosine similarities (`norms` None, `X` normalised), else euclidean distances"
     S = torch.mm(X[a:b], X[c:d].T, out=out)
     return S if norms is None else sims_to_dists(S, norms[a:b], norms[c:d])
 
 def _sq_dists(v, cosine):
-    "In place: block values -> `reid_dist`'s distances squared, the reference's starting point"
+    "In place: tile values -> `reid_dist`'s distances squared, the reference's starting point"
     return (sims_to_dists(v, None, None) if cosine else v).square_()
 
 # %% ../nbs/00a_retrieval.ipynb #cfacfe8f
 def _nearest_in(B, k, offset, cosine):
-    "(values, indices, farthest value) of the `k` nearest in each row of block `B`, whose columns start at `offset`"
+    "(values, indices, farthest value) of the `k` nearest in each row of tile `B`, whose columns start at `offset`"
     v, i = B.topk(min(k, B.shape[1]), dim=1, largest=cosine)
     return v, i + offset, B.amin(1) if cosine else B.amax(1)
 
@@ -61,17 +61,17 @@ def _ranked(v, i, far, cosine):
     o = v.sort(dim=1, stable=True).indices
     return rowmax, v.gather(1, o), i.gather(1, o)
 
-def _nearest(X, norms, nq, k, block, progress=False):
-    "Largest squared distance of each row of `X`, its `k` nearest rows (scaled squared distances, indices), and the query x gallery block values"
+def _nearest(X, norms, nq, k, tile, progress=False):
+    "Largest squared distance of each row of `X`, its `k` nearest rows (scaled squared distances, indices), and the query x gallery tile values"
     N, cosine = len(X), norms is None
-    blocks = _row_blocks(N, nq, block)
-    cands, qg = [[] for _ in blocks], X.new_empty(nq, N - nq)
-    buf, buf_t = X.new_empty(min(block, N) ** 2), X.new_empty(min(block, N) ** 2)   # reused: fresh memory costs page faults
-    for p in progress_bar(range(len(blocks)), leave=False) if progress else range(len(blocks)):
-        a, b = blocks[p]
-        for q in range(p, len(blocks)):
-            c, d = blocks[q]
-            B = _block_values(X, norms, a, b, c, d, buf[:(b - a) * (d - c)].view(b - a, d - c))
+    tiles = _row_tiles(N, nq, tile)
+    cands, qg = [[] for _ in tiles], X.new_empty(nq, N - nq)
+    buf, buf_t = X.new_empty(min(tile, N) ** 2), X.new_empty(min(tile, N) ** 2)   # reused: fresh memory costs page faults
+    for p in progress_bar(range(len(tiles)), leave=False) if progress else range(len(tiles)):
+        a, b = tiles[p]
+        for q in range(p, len(tiles)):
+            c, d = tiles[q]
+            B = _tile_values(X, norms, a, b, c, d, buf[:(b - a) * (d - c)].view(b - a, d - c))
             if b <= nq < d: qg[a:b, c - nq:d - nq] = B
             cands[p].append(_nearest_in(B, k, c, cosine))
             if q == p: continue
@@ -110,8 +110,8 @@ def _expansion_sets(top, k1, chunk=2048):
 
 # %% ../nbs/00a_retrieval.ipynb #58300411
 def _pair_values(X, norms, r, c):
-    "Block values (as `_block_values` gives them) of the pairs of rows (`r`, `c`) of `X`"
-    chunk = _default_block(X.device, 512, 2**16)    # on CPU, buffers that stay in cache
+    "Tile values (as `_tile_values` gives them) of the pairs of rows (`r`, `c`) of `X`"
+    chunk = _device_size(X.device, 512, 2**16)    # on CPU, buffers that stay in cache
     out, A, B = X.new_empty(len(r)), X.new_empty(chunk, X.shape[1]), X.new_empty(chunk, X.shape[1])
     for a in range(0, len(r), chunk):
         ri, ci = r[a:a + chunk], c[a:a + chunk]
@@ -152,7 +152,7 @@ def _query_expansion(rows, cols, vals, top, k2):
     return torch.div(key, N, rounding_mode='floor'), key % N, v
 
 def _rerank_rows(rows, cols, vals, nq, qg, cosine, rowmax, lambda_value, chunk):
-    "In place: query x gallery block values `qg` -> re-ranked distances, the Jaccard terms from V's entries joined on their columns"
+    "In place: query x gallery tile values `qg` -> re-ranked distances, the Jaccard terms from V's entries joined on their columns"
     N = len(rowmax); ng = N - nq
     g = rows >= nq
     gr, gc, gv = (torch.masked_select(x, g) for x in (rows - nq, cols, vals))
@@ -179,30 +179,30 @@ def reid_rerank(query_feats, # (n_query, dim) features
                 k2:int=6, # neighbours averaged by the local query expansion (1: none)
                 lambda_value:float=0.3, # weight of the original distance; 1 - lambda_value is the Jaccard distance's
                 dist:str='cosine', # the original distance: 'cosine' or 'euclidean' (see `reid_dist`)
-                chunk_size:int|None=None, # rows per block of the distance products (None: 2,048 on CPU, 8,192 on GPU)
-                progress:bool=False, # show a progress bar over the blocks
+                chunk_size:int|None=None, # rows per tile of the distance products (None: 2,048 on CPU, 8,192 on GPU)
+                progress:bool=False, # show a progress bar over the tiles
                )->Tensor:
     "(n_query, n_gallery) k-reciprocal re-ranked distances (Zhong et al., 2017): the reference `re_ranking` of `reid_dist`'s distances"
     check_option(dist, 'dist', reid_dist_names)
     k1, k2 = check_int(k1, 'k1', 1), check_int(k2, 'k2', 1)
     lambda_value = check_float(lambda_value, 'lambda_value', 0, 1)
     qf, gf = check_feats(query_feats, gallery_feats)
-    block = check_int(chunk_size, 'chunk_size', 1) if chunk_size is not None else _default_block(qf.device, 2048, 8192)
+    tile = check_int(chunk_size, 'chunk_size', 1) if chunk_size is not None else _device_size(qf.device, 2048, 8192)
     nq, N = len(qf), len(qf) + len(gf)
     X, _, norms, _ = dist_feats(torch.cat([qf, gf]), qf[:0], dist)
     k2 = min(k2, N)
-    rowmax, sd, top, qg = _nearest(X, norms, nq, max(min(k1 + 1, N), k2), block, progress)
+    rowmax, sd, top, qg = _nearest(X, norms, nq, max(min(k1 + 1, N), k2), tile, progress)
     rows, cols = _expansion_sets(top, k1)
     vals = _weights(X, norms, rowmax, sd, top, rows, cols)
     if k2 > 1: rows, cols, vals = _query_expansion(rows, cols, vals, top, k2)
-    chunk = max(1, _default_block(qf.device, 2**22, 2**26) // (N - nq))
+    chunk = max(1, _device_size(qf.device, 2**22, 2**26) // (N - nq))
     return _rerank_rows(rows, cols, vals, nq, qg, norms is None, rowmax, lambda_value, chunk)
 
 # %% ../nbs/00a_retrieval.ipynb #7ad4f6d6
 def _weighted_neighbour_mean(x, db, k, alpha):
     "Each row of `x` -> the mean of its `k` most cosine-similar rows of `db`, weighted by the similarity to the power `alpha`"
     xn, dn, k = F.normalize(x, dim=1), F.normalize(db, dim=1), min(k, len(db))
-    out, chunk = torch.empty_like(x), max(1, _default_block(x.device, 2**22, 2**26) // len(db))
+    out, chunk = torch.empty_like(x), max(1, _device_size(x.device, 2**22, 2**26) // len(db))
     for a in range(0, len(x), chunk):
         s, i = (xn[a:a + chunk] @ dn.T).topk(k, dim=1)
         out[a:a + chunk] = torch.bmm(s.pow(alpha)[:, None], db.index_select(0, i.view(-1)).view(*i.shape, -1))[:, 0] / k
