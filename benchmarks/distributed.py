@@ -37,7 +37,7 @@ def one_run(rank, world, port, threads, root, pre, bs, epochs, size, result):
     sys.stdout = open(os.devnull, 'w')  # no progress bars in the benchmark's output
     timer = EpochTimes()
     dls = reid_dls(market1501(root), size=size, bs=bs, seed=0)
-    run = train_reid(dls, arch='resnet18', pretrained=pre, n_periods=1, epochs_per_period=epochs, eval_every=epochs, cbs=[timer])
+    train_reid(dls, arch='resnet18', pretrained=pre, n_periods=1, epochs_per_period=epochs, eval_every=epochs, cbs=[timer])
     images = torch.tensor(timer.images)
     if world > 1: dist.all_reduce(images)  # every process's images
     if rank == 0: Path(result).write_text(json.dumps({'times': timer.times, 'images': images.tolist()}))

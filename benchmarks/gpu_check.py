@@ -8,7 +8,7 @@ Sections, each with a `status` ('ok', 'failed', 'not run on CPU', 'not available
 - `metric_timings`: the metrics at Market-1501 size (distance matrix given) and MSMT17 size (from features): medians of
   synchronised runs, one `torch.sort` of the distance matrix beside each as the baseline, peak GPU memory, the same
   result as on the CPU.
-- `rerank_aqe`: `reid_rerank` and `aqe` at Market-1501 size, when `fastreid_rollback.retrieval` has them.
+- `rerank_aqe`: `reid_rerank` and `aqe` at Market-1501 size.
 - `rollback_fit`: a real fit (ResNet-50 at 256x128 on the embedded dataset, `RollbackCallback` with 2 periods), fp32 and
   `to_fp16()`: training images/s, and the state check at the period boundary: the rolled-back blocks equal the
   pre-trained state exactly (parameters and BN buffers), the kept blocks their trained state.
@@ -27,7 +27,6 @@ from pathlib import Path
 os.environ.setdefault('MPLBACKEND', 'Agg')
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
 import fastai, fastcore
 from fastai.callback.core import Callback, CancelValidException
@@ -37,8 +36,9 @@ from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
 from fastreid_rollback.model import block_state, snapshot_blocks, reid_splitter
 from fastreid_rollback.learner import reid_learner
-from fastreid_rollback.rollback import RollbackCallback
 from fastreid_rollback.inference import save_reid, load_reid
+from fastreid_rollback.retrieval import reid_rerank, aqe
+import fastreid_rollback.rollback  # noqa: F401 (`Learner.fit_rollback`)
 
 root = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def market_rows(ctx):
         rows[slug(kind)] = dict(features=kind, queries=D.shape[0], gallery=D.shape[1], library_ms=round(1e3*t_lib, 3),
                                 one_sort_ms=round(1e3*t_sort, 3), library_over_sort=round(t_lib/t_sort, 3), peak_gpu_gb=peak,
                                 mAP=round(res.mAP, 4), same_as_cpu=bm.same_result(res, reid_metrics_from_dist(D, *ids), 1e-9))
-        del D, Dd
+        D = Dd = None                                                               # free the matrices before the next kind
     return rows
 
 def msmt_row(ctx):
@@ -135,7 +135,7 @@ def msmt_row(ctx):
                           reid_metrics(qf[k], gf, ids[0][k], ids[1], ids[2][k], ids[3]), 1e-6)
     D = reid_dist(qd, gd)
     t_sort, _ = bm.median_time(lambda: torch.sort(D, dim=1), 1, dev)
-    del D
+    D = None
     return dict(features='trained-like', queries=len(qf), gallery=len(gf), dim=qf.shape[1], library_ms=round(1e3*t_lib, 1),
                 one_sort_of_the_distances_ms=round(1e3*t_sort, 1), library_over_sort=round(t_lib/t_sort, 3), peak_gpu_gb=peak,
                 mAP=round(res.mAP, 4), same_as_cpu_on_256_queries=same)
@@ -150,20 +150,14 @@ def metric_timings(ctx):
 
 # ---------------------------------------------------------------- 3. re-ranking and query expansion
 def rerank_aqe(ctx):
-    "`reid_rerank` and `aqe` at Market-1501 size (features on the device), if the library has them"
-    try: import fastreid_rollback.retrieval as retrieval
-    except ModuleNotFoundError as e:
-        if e.name != 'fastreid_rollback.retrieval': raise
-        return dict(status='not available', reason='fastreid_rollback.retrieval does not exist')
+    "`reid_rerank` and `aqe` at Market-1501 size (features on the device)"
     s,dev = ctx.sizes,ctx.device
     g = torch.Generator().manual_seed(2)
     ids = bm.make_ids(g, **s['market'])
     qf, gf = (f.to(dev) for f in bm.make_feats(g, ids, kind='trained-like', **s['market']))
     dids = [x.to(dev) for x in ids]
     out = dict(queries=len(qf), gallery=len(gf), mAP_plain=round(reid_metrics(qf, gf, *dids).mAP, 4))
-    for name in ('reid_rerank', 'aqe'):
-        f = getattr(retrieval, name, None)
-        if f is None: out[name] = dict(status='not available'); continue
+    for name, f in (('reid_rerank', reid_rerank), ('aqe', aqe)):
         f(qf[:32], gf[:256])                                                             # warm-up
         reset_peak(dev)
         t, r = bm.median_time(lambda: f(qf, gf), s['rerank_reps'], dev)

@@ -156,7 +156,7 @@ def market(quick):
                           cython_s=r3(t_cy), speedup_cython=None if t_cy is None else round(t_cy / t_lib, 1),
                           cython_mAP=None if map_cy is None else round(map_cy, 4), agrees_with_reference=agrees(D, ids, idx, ref))
         print(json.dumps({kind: rows[kind]}), flush=True)
-        del D
+        D = None   # free the matrix before the next one (not `del`: the lambdas above read D)
     print(f"\n{'Market-1501 size':50s} {'library':>8s} {'1 thread':>9s} {'one sort':>9s} {'reference':>10s} {'Cython':>8s}  mAP")
     for r in rows.values():
         cy_s = '' if r['cython_s'] is None else f"{r['cython_s']:.2f} s"
@@ -197,7 +197,7 @@ def sweep(quick):
         idx = sampled_queries(len(D), 50, seed=len(cases))
         cases[name] = dict(case, mAP=round(res.mAP, 4), library_s=r3(t), agrees_with_reference=agrees(D, ids, idx, reference_time(D, ids, idx)[1]))
         print(json.dumps({name: cases[name]}), flush=True)
-        del D
+        D = None   # free the matrix before the next one (not `del`: the lambdas above read D)
     times = {k: c['library_s'] for k, c in cases.items()}
     worst = max(times, key=times.get)
     out = dict(n_cases=len(cases), median_s=r3(float(np.median(list(times.values())))), worst_s=times[worst], worst_case=worst,
@@ -228,7 +228,7 @@ def busy(quick):
         if r.get('cython_busy_s'): r['speedup_cython_busy'] = round(r['cython_busy_s'] / r['busy_s'], 1)
         rows[kind] = dict(distances=MARKET_KINDS[kind], **r)
         print(json.dumps({kind: rows[kind]}), flush=True)
-        del D
+        D = None   # free the matrix before the next one (not `del`: the lambdas above read D)
     print(f"\n{'one competing CPU-bound process':50s} {'idle':>8s} {'busy':>8s} {'idle, 1 thread':>15s} {'busy, 1 thread':>15s} {'Cython busy':>12s}")
     for r in rows.values():
         cy_s = f"{r['cython_busy_s']:.2f} s" if r.get('cython_busy_s') else ''
@@ -294,10 +294,6 @@ def msmt(quick):
     print(json.dumps(row), flush=True)
     return row
 
-# ---------------------------------------------------------------- re-ranking (issue 13 part 2)
-# The re-ranking rows go here: a function `rerank(quick) -> dict` (the library against the reference
-# implementation, same run), registered in SECTIONS below; its results land in metrics.json under "rerank".
-
 SECTIONS = dict(market=market, sweep=sweep, busy=busy, tricks=tricks, msmt=msmt)
 
 # ---------------------------------------------------------------- on a GPU
@@ -321,7 +317,7 @@ def market_device(device, quick, out):
                    speedup=round(t_ref / t_lib, 1), same_as_cpu=same_result(res, reid_metrics_from_dist(D, *ids), 1e-9),
                    agrees_with_reference=agrees(D, ids, idx, ref))
         print(json.dumps(row), flush=True); out.append(row)
-        del D, Dd
+        D = Dd = None   # free the matrices before the next ones (not `del`: the lambdas above read them)
 
 def msmt_device(device, quick, out):
     "MSMT17 size from features on `device` (chunked): time, peak memory of the device, and the CPU's answer on a sample"

@@ -1,4 +1,5 @@
 "The one import a user needs: `from fastreid_rollback.all import *`"
+from .checks import *
 from .metrics import *
 from .retrieval import *
 from .synthetic import *

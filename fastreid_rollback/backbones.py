@@ -16,6 +16,7 @@ from torchvision import models as tvm
 from torchvision.models import get_model, get_model_builder, get_model_weights, list_models, WeightsEnum
 from fastcore.foundation import L
 from fastai.torch_core import Module
+from .checks import check_keys
 
 # %% auto #0
 __all__ = ['resnet_blocks', 'tv_families', 'reid_pools', 'mobilenet_v2_imagenet_source', 'torchvision_archs', 'resnet_archs',
@@ -58,7 +59,7 @@ class TorchvisionBody(nn.Sequential):
         self.family = type(model).__name__
 
 def _has_timm():
-    try: import timm
+    try: import timm  # noqa: F401 (only whether it imports)
     except ImportError: return False
     return True
 
@@ -307,15 +308,6 @@ def _backbone_entries(sd:dict, want:dict, classifier=()):
     drop = tuple(f'{p}.' for p in ('fc', 'head', 'classifier', *L(classifier)) if not any(k.startswith(f'{p}.') for k in want))
     return {k:v for k,v in sd.items() if not (drop and k.startswith(drop))}
 
-def _check_keys(got, want, what):
-    "Raise a `ValueError` naming the missing and unexpected keys of `got` against `want`"
-    missing,unexpected = [k for k in want if k not in got],[k for k in got if k not in want]
-    if missing or unexpected: raise ValueError(f"{what}: missing keys {missing[:6]}{' ...' if len(missing)>6 else ''} ({len(missing)}), "
-                                               f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected)>6 else ''} ({len(unexpected)})")
-    for k,v in want.items():
-        if not isinstance(got[k], Tensor): raise ValueError(f"{what}: key {k!r} holds a {type(got[k]).__name__}, expected a tensor")
-        if got[k].shape != v.shape: raise ValueError(f"{what}: key {k!r} has shape {tuple(got[k].shape)}, expected {tuple(v.shape)}")
-
 # %% ../nbs/02a_backbones.ipynb #5d01ad39
 def _safe_globals():
     "What fastai optimizer states hold besides tensors (numpy scalars, fastcore's `L`), allowed by `weights_only` loading"
@@ -349,7 +341,7 @@ def load_backbone_weights(backbone:nn.Module, # the body to load into
         sd,what = load_state_file(fn, f"pretrained={str(fn)!r}"),f"weights file {str(fn)!r}"
     want = backbone.state_dict()
     sd = _backbone_entries(sd, want, getattr(backbone, 'pretrained_cfg', {}).get('classifier', ()))
-    _check_keys(sd, want, f"{what} does not fit the backbone")
+    check_keys(sd, want, f"{what} does not fit the backbone")
     backbone.load_state_dict(sd)
     return fn
 

@@ -90,7 +90,7 @@ def demo(out:str='demo_out', # folder for results.json, results.csv and the plot
     extra = {'period1': {**runs['rollback'].period_end(1).as_dict(), 'rollback_epochs': []}}
     table = save_report(runs, out, config={**s, 'seed': seed, 'pretrained': str(pretrained), 'zero_shot_mAP': zero_shot.mAP}, extra=extra)
     print(table.to_string())
-    print(f"period1 is the rolling-back run at the end of its first period. One seed: see benchmarks/rollback_evidence.py for the study.")
+    print("period1 is the rolling-back run at the end of its first period. One seed: see benchmarks/rollback_evidence.py for the study.")
     print(f"Wrote results.json, results.csv and plots to {out}")
     return table
 
@@ -126,7 +126,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
           epochs_per_period:int=40, # epochs in each period
           bs:int=32, # batch size (per process when launched on several)
           size:int=(288, 144), # input height and width (two numbers)
-          lr:float=0.01, # base learning rate
+          lr:float=0.01, # base learning rate (`reference_lr`, written out: the CLI answers --help without importing torch)
           out:str='runs', # folder for checkpoints, results and plots
           baseline:store_true=False, # train the one-period baseline (same total epochs) instead
           resume:store_true=False, # continue from out/checkpoints/last.pth
@@ -138,14 +138,14 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
          ):
     "Train on a dataset with the rolling-back schedule (or the baseline) and evaluate on its query/gallery"
     from fastai.torch_core import rank_distrib
-    from fastreid_rollback.metrics import _check_int
+    from fastreid_rollback.checks import check_int
     from fastreid_rollback.backbones import check_arch, reid_pools
     from fastreid_rollback.data import reid_dls
     from fastreid_rollback.distributed import on_rank0_first
     from fastreid_rollback.experiment import train_reid, save_report, save_checkpoint
     for flag,v,lo in [('--periods', periods, 1), ('--epochs-per-period', epochs_per_period, 1), ('--bs', bs, 1),
                       ('--checkpoint-every', checkpoint_every, 0), ('--workers', workers, 0), ('--seed', seed, 0), ('--size', size[0], 1), ('--size', size[1], 1)]:
-        if v is not None: _check_int(v, flag, lo)
+        if v is not None: check_int(v, flag, lo)
     if not lr > 0: raise ValueError(f"--lr must be > 0, got {lr}")
     check_arch(arch)  # a bad --arch, --pool or --last-stride stops the command before anything is written
     if pool not in reid_pools: raise ValueError(f"--pool {pool!r}: expected one of {list(reid_pools)}")
@@ -160,7 +160,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
     if rank_distrib(): return None  # several processes: the first one writes the model and the report
     config = dict(data=str(data), dataset=dataset, arch=arch, pool=pool, last_stride=last_stride, periods=periods, epochs_per_period=epochs_per_period, bs=bs,
                   size=list(size), lr=lr, baseline=baseline, pretrained=pretrained, seed=seed)
-    save_checkpoint(run.learn, Path(out)/'model.pth', with_opt=False, **config, n_ids=dls.n_ids, epoch=n_periods*epp-1)
+    save_checkpoint(run.learn, Path(out)/'model.pth', with_opt=False, **config, n_ids=dls.n_ids, epoch=run.learn.n_epoch-1)
     table = save_report({run.name: run}, out, config=config, ranked=run.name)
     print(table.to_string())
     return table
@@ -179,13 +179,13 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
     "CMC, mAP and mINP of a saved model on the query/gallery of a dataset (also after AQE and re-ranking when asked)"
     if model is None: raise ValueError("--model is required: a model file written by train (out/model.pth) or a checkpoint")
     if not Path(model).is_file(): raise FileNotFoundError(f"--model {model!r}: no such model file")
-    from fastreid_rollback.metrics import _check_int
+    from fastreid_rollback.checks import check_int
     from fastreid_rollback.data import reid_dls
     from fastreid_rollback.learner import reid_learner
     from fastreid_rollback.experiment import read_checkpoint
     from fastreid_rollback.model import atomic_write
-    _check_int(bs, '--bs', 1)
-    if workers is not None: _check_int(workers, '--workers', 0)
+    check_int(bs, '--bs', 1)
+    if workers is not None: check_int(workers, '--workers', 0)
     if out is not None: out = _out_folder(out)
     state = read_checkpoint(model)
     arch,size = state['meta'].get('arch'),size or state['meta'].get('size')

@@ -15,10 +15,10 @@ from fastai.data.block import DataBlock, CategoryBlock
 from fastai.data.core import TfmdDL, DataLoaders
 from fastai.data.transforms import ColReader, Normalize
 from fastai.vision.core import PILImage, imagenet_stats
-from fastai.vision.data import ImageBlock, get_grid
+from fastai.vision.data import get_grid
 from fastai.vision.augment import Resize, ResizeMethod, FlipItem, RandomErasing
-from .metrics import _check_int
-from .synthetic import _MARKET_DIRS  # the Market-1501 layout the readers read
+from .checks import check_int, check_option, check_id_column
+from .synthetic import market1501_dirs  # the Market-1501 layout the readers read
 
 # %% auto #0
 __all__ = ['market1501', 'dukemtmc_reid', 'cuhk03_np', 'msmt17', 'ReIDImage', 'find_bad_images', 'reid_item_tfms',
@@ -72,8 +72,8 @@ def _frame(rows) -> pd.DataFrame:
 
 def _market_like(path, names, pattern, example, dataset) -> pd.DataFrame:
     "Reader of a Market-1501-style layout (`bounding_box_train/`, `query/`, `bounding_box_test/`)"
-    root = _find_root(path, names, list(_MARKET_DIRS.values()), dataset)
-    return _frame([r for split,d in _MARKET_DIRS.items() for r in _read_folder(root/d, split, pattern, example, dataset)])
+    root = _find_root(path, names, list(market1501_dirs.values()), dataset)
+    return _frame([r for split,d in market1501_dirs.items() for r in _read_folder(root/d, split, pattern, example, dataset)])
 
 # %% ../nbs/02_data.ipynb #98e39452
 def market1501(
@@ -93,7 +93,7 @@ def dukemtmc_reid(
 
 def _cuhk03_root(path, kind:str) -> Path:
     "The CUHK03-NP folder holding `kind/`; when it has only the other kind, an error that says to ask for that one"
-    find = lambda k: _find_root(path, ['cuhk03-np', 'CUHK03-NP', 'cuhk03_np'], [f'{k}/{d}' for d in _MARKET_DIRS.values()], 'cuhk03_np')
+    find = lambda k: _find_root(path, ['cuhk03-np', 'CUHK03-NP', 'cuhk03_np'], [f'{k}/{d}' for d in market1501_dirs.values()], 'cuhk03_np')
     try: return find(kind)
     except FileNotFoundError as e:
         other = 'detected' if kind=='labeled' else 'labeled'
@@ -236,7 +236,7 @@ def _pk_groups(labels, k:int, rng) -> dict:
 
 def _pk_n_batches(counts, p:int) -> int:
     "Number of batches of `p` distinct identities needed to use the `counts` groups of each identity"
-    p,counts = _check_int(p, 'p', 1),np.asarray(counts)
+    p,counts = check_int(p, 'p', 1),np.asarray(counts)
     n = -(-int(counts.sum()) // p)
     while True:   # an identity cannot give more groups than there are batches
         new = -(-int(np.minimum(counts, n).sum()) // p)
@@ -250,7 +250,7 @@ def pk_batches(
     rng:np.random.Generator, # Random generator
 ) -> list: # Batches: lists of `p*k` item indices, `k` consecutive per identity
     "Identity-balanced batches covering every item about once"
-    p,k,labels = _check_int(p, 'p', 1),_check_int(k, 'k', 1),np.asarray(labels)
+    p,k,labels = check_int(p, 'p', 1),check_int(k, 'k', 1),np.asarray(labels)
     groups = _pk_groups(labels, k, rng)
     if len(groups) < p: raise ValueError(f"p={p} identities per batch, but only {len(groups)} identities to sample from")
     pids = list(groups)
@@ -294,7 +294,7 @@ class ReIDDL(TfmdDL):
         **kwargs):
         if sampler not in ('random', 'pk'): raise ValueError(f"sampler must be 'random' or 'pk', got {sampler!r}")
         if sampler=='pk':
-            p,k = _check_int(p, 'p', 1),_check_int(k, 'k', 1)
+            p,k = check_int(p, 'p', 1),check_int(k, 'k', 1)
             if p*k < 2: raise ValueError(f"p*k={p*k}: a training batch needs at least 2 images (BatchNorm cannot train on one)")
             kwargs['bs'] = p*k
         store_attr('sampler,p,k')
@@ -358,27 +358,10 @@ class ReIDDataLoaders(DataLoaders):
     def reid_dl(self, df:pd.DataFrame, **kwargs):
         "A test-time `ReIDDL` (no augmentation, file order) over the rows of `df` (ids checked as `reid_dls` checks them)"
         if len(df)==0: raise ValueError("df has no row: a ReID DataLoader needs at least one image")
-        ids = {c:_id_column(df, c, -1 if c=='pid' else None) for c in ('pid', 'camid') if isinstance(df, pd.DataFrame) and c in df}
+        ids = {c:check_id_column(df, c, -1 if c=='pid' else None) for c in ('pid', 'camid') if isinstance(df, pd.DataFrame) and c in df}
         return self.test_dl(df.assign(**ids).reset_index(drop=True) if ids else df.reset_index(drop=True), **kwargs)
 
 # %% ../nbs/02_data.ipynb #8fb2fc3a
-def _is_id(v) -> bool:
-    "Whether `v` is an integer that fits int64 (an int or an integral float), not a bool"
-    if isinstance(v, (bool, np.bool_)): return False
-    if isinstance(v, (float, np.floating)): return bool(np.isfinite(v)) and float(v).is_integer() and abs(v) < 2**63
-    return isinstance(v, (int, np.integer)) and -2**63 <= v < 2**63
-
-def _id_column(df:pd.DataFrame, col:str, lo:int=None) -> pd.Series:
-    "Column `col` of `df` as int64; a `ValueError` naming the first row holding no integer (NaN, 7.5, '7', True) or one below `lo`"
-    v = df[col]
-    what,bad = 'not an integer',[(i, o) for i,o in zip(df.index, v) if not _is_id(o)] if v.dtype.kind not in 'iu' else []
-    if not bad:
-        v = v.astype('int64')
-        what,bad = f'below {lo}',[(i, o) for i,o in zip(df.index[v < lo], v[v < lo])] if lo is not None else []
-    if bad: raise ValueError(f"df column {col!r}, row {bad[0][0]}: {bad[0][1]!r} is {what}{f' ({len(bad)} such rows)' if len(bad) > 1 else ''}; "
-                             "expected integers (pid: -1 junk, 0 distractor, identities from 1)")
-    return v
-
 def _warn_reserved_ids(df:pd.DataFrame):
     "Warn when training or query rows have pid 0 or -1, which mark gallery distractors and junk"
     for s in ('train', 'query'):
@@ -391,10 +374,10 @@ def _check_df(df:pd.DataFrame, on_bad_image:str) -> pd.DataFrame:
     "Validate a reader DataFrame (ids as int64); drop unreadable images when `on_bad_image='skip'`"
     if not isinstance(df, pd.DataFrame) or not {'path', 'pid', 'camid', 'split'} <= set(df.columns):
         raise ValueError("df must be a DataFrame with the columns path, pid, camid, split (as the readers return)")
-    if on_bad_image not in ('raise', 'skip'): raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
+    check_option(on_bad_image, 'on_bad_image', ('raise', 'skip'))
     for s in ('train', 'query', 'gallery'):
         if not (df.split==s).any(): raise ValueError(f"df has no row with split {s!r}")
-    df = df.assign(pid=_id_column(df, 'pid', -1), camid=_id_column(df, 'camid'))
+    df = df.assign(pid=check_id_column(df, 'pid', -1), camid=check_id_column(df, 'camid'))
     _warn_reserved_ids(df)
     if on_bad_image=='skip':
         bad = find_bad_images(df)
@@ -425,7 +408,7 @@ def reid_dls(
     path:str|Path='.', # `DataLoaders.path`
 ) -> ReIDDataLoaders:
     "`DataLoaders` for training on the `'train'` rows of `df`, with `query` and `gallery` loaders for evaluation"
-    df,bs = _check_df(df, on_bad_image),_check_int(bs, 'bs', 1)
+    df,bs = _check_df(df, on_bad_image),check_int(bs, 'bs', 1)
     device = ifnone(device, default_device())
     if num_workers is None: num_workers = min(8, defaults.cpus) if torch.cuda.is_available() else 0
     train = df[df.split=='train'].reset_index(drop=True)

@@ -12,10 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import store_attr, ifnone, patch
 from fastai.torch_core import num_distrib
 from fastai.data.core import TfmdDL
-from fastai.callback.core import Callback
 from fastai.learner import Learner
-import fastai.callback.progress  # `Learner.no_bar`
-from .learner import in_validation
+import fastai.callback.progress  # noqa: F401 (`Learner.no_bar`)
+from .learner import FitOnlyCallback
 
 # %% auto #0
 __all__ = ['distrib_device', 'setup_process_group', 'on_rank0_first', 'ShardedDL', 'DDPTrainer']
@@ -83,7 +82,7 @@ def _sync_bn_names(model):
     "Names of the `SyncBatchNorm` layers of `model`"
     return [n for n,m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
 
-class DDPTrainer(Callback):
+class DDPTrainer(FitOnlyCallback):
     "Wrap the model in `DistributedDataParallel` and the training loader in `ShardedDL` for the fit, in the current process group"
     order,wrapped = 11,False  # after `MixedPrecision` (10), as fastai's `DistributedTrainer`
     def __init__(self, sync_bn:bool=None, # SyncBatchNorm layers: None for yes on CUDA, no on the CPU (where they cannot run)
@@ -101,7 +100,6 @@ class DDPTrainer(Callback):
         return model
 
     def before_fit(self):
-        if in_validation(self.learn): return  # `validate`/`get_preds` (also during the fit) leave the model as it is
         self.wrapped = dist.is_initialized()
         if not self.wrapped: return
         dev = next(self.model.parameters()).device
@@ -115,7 +113,7 @@ class DDPTrainer(Callback):
             for b in self.learn.model.module.buffers(): dist.broadcast(b, 0)
 
     def after_fit(self):
-        if not self.wrapped or in_validation(self.learn): return
+        if not self.wrapped: return
         self.learn.model,self.dls.train,self.wrapped = self.learn.model.module,self.dl,False
 
 # %% ../nbs/04a_distributed.ipynb #8b97b9d3

@@ -4,11 +4,10 @@
 
 # %% ../nbs/06_experiment.ipynb #b9f65b3e
 from __future__ import annotations
-import os, copy, json, time, shutil, hashlib, tempfile
+import copy, json, time, hashlib, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt
 from torch import nn
-from fastcore.foundation import L
 from torchvision.models import get_model_weights
 from fastcore.basics import store_attr
 from fastai.torch_core import set_seed, rank_distrib, default_device
@@ -18,11 +17,11 @@ from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
 from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules, block_names
-from .backbones import weights_cache_file, load_state_file, rollback_cache, _check_keys
-from .learner import reid_learner, ReIDEvalCallback, in_validation
-from .metrics import _check_int
+from .backbones import weights_cache_file, load_state_file, rollback_cache
+from .learner import reid_learner, ReIDEvalCallback, FitOnlyCallback, reference_lr
+from .checks import check_int, check_keys
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
-from .distributed import ddp_ctx  # `Learner.ddp_ctx`
+from .distributed import ddp_ctx  # noqa: F401 (`Learner.ddp_ctx`)
 
 # %% auto #0
 __all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'source_backbone',
@@ -121,7 +120,7 @@ def load_checkpoint(learn:Learner, # the learner to load into (built as the save
     diff = [k for k,v in (expect or {}).items() if k in saved and saved[k] != v]
     if diff: raise ValueError(f"checkpoint {str(path)!r} was written with {', '.join(f'{k}={saved[k]!r}' for k in diff)}, "
                               f"but this run has {', '.join(f'{k}={expect[k]!r}' for k in diff)}: it cannot continue that run")
-    _check_keys(state['model'], model.state_dict(), f"checkpoint {str(path)!r} does not fit the model")
+    check_keys(state['model'], model.state_dict(), f"checkpoint {str(path)!r} does not fit the model")
     model.load_state_dict(state['model'])
     if with_opt and state['opt'] is not None:
         if learn.opt is None: learn.create_opt()
@@ -139,7 +138,7 @@ class CheckpointCallback(Callback):
                  resumed:dict=None, # meta of the checkpoint this fit continues: its training time and records are carried on
                  **meta, # plain values saved with every checkpoint
                 ):
-        if every is not None: _check_int(every, 'every', 0)
+        if every is not None: check_int(every, 'every', 0)
         store_attr(but='meta'); self.meta = meta
 
     def _cb(self, cls): return next((cb for cb in self.learn.cbs if isinstance(cb, cls)), None)
@@ -202,7 +201,7 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                pretrained=True, # True (ImageNet, local cache only), False, or a local backbone file
                n_periods:int=4, # periods of the rolling-back schedule; 1 is the baseline
                epochs_per_period:int=40, # epochs in each period
-               lr:float=0.01, # base learning rate (the reference's 0.01)
+               lr:float=reference_lr, # base learning rate (the reference's)
                name:str=None, # name of the run in tables and plots
                out:str|Path=None, # folder for checkpoints (none when None)
                checkpoint_every:int=None, # also checkpoint every this many epochs
@@ -240,7 +239,7 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
                 start = resumed['epoch'] + 1
             cbs.append(CheckpointCallback(ckpt, every=checkpoint_every, resumed=resumed, **{**(meta or {}), **run}))
         t0 = time.perf_counter()
-        learn.fit(n_periods*epochs_per_period, lr, cbs=cbs, start_epoch=start)
+        learn.fit(rollback.total_epochs, lr, cbs=cbs, start_epoch=start)
     train_time = time.perf_counter() - t0 + (resumed or {}).get('train_time_s', 0.)
     if resumed: _carry_on(learn, resumed, rollback, grads)
     name = name or ('baseline' if n_periods == 1 else f'rollback x{n_periods}')
@@ -293,16 +292,15 @@ def results_table(runs:dict, # {name: ReIDRun}
     return pd.DataFrame.from_dict(rows, orient='index').reindex(columns=[*reid_metric_names, 'train_time_s']).round(4)
 
 # %% ../nbs/06_experiment.ipynb #0467e8c8
-class EpochLosses(Callback):
+class EpochLosses(FitOnlyCallback):
     "Record the mean (unsmoothed) training loss of every epoch in `losses`"
     order,run_valid = 60,False
-    def before_fit(self):
-        if not in_validation(self.learn): self.losses = []
+    def before_fit(self): self.losses = []
     def before_epoch(self): self._sum,self._n = 0.,0
     def after_batch(self):
         if self.training: n = len(self.yb[0]) if self.yb else 1; self._sum += float(self.loss)*n; self._n += n
     def after_epoch(self):
-        if not in_validation(self.learn) and self._n: self.losses.append(self._sum/self._n)
+        if self._n: self.losses.append(self._sum/self._n)
 
 def run_record(run:ReIDRun, # a finished run
                losses:EpochLosses=None, # its per-epoch losses, if recorded
@@ -337,18 +335,18 @@ def _rel_change(new:list, old:list) -> float:
     "`||new - old|| / ||old||` over lists of tensors"
     return float(torch.sqrt(sum(((a.float()-b.float())**2).sum() for a,b in zip(new, old))) / torch.sqrt(sum((b.float()**2).sum() for b in old)))
 
-class PeriodWeightChange(Callback):
+class PeriodWeightChange(FitOnlyCallback):
     "Record how far each block's weights move within each window of `every` epochs (a period): `||w_end - w_start|| / ||w_start||`"
     order,run_valid = RollbackCallback.order+1,False   # the window starts after the roll-back
     def __init__(self, every:int, # epochs per window: the period length (a baseline is cut into the same windows)
-                ): _check_int(every, 'every', 1); store_attr(); self.changes,self.start = {},None
+                ): check_int(every, 'every', 1); store_attr(); self.changes,self.start = {},None
     def _weights(self):
         m = unwrap_model(self.model)
         return {n: [p.detach().cpu().clone() for _,p in _block_params(m, n)] for n in block_names(m)}
     def before_train(self):
-        if not in_validation(self.learn) and self.epoch % self.every == 0: self.start = self._weights()
+        if self.epoch % self.every == 0: self.start = self._weights()
     def after_epoch(self):
-        if in_validation(self.learn) or self.start is None or (self.epoch+1) % self.every: return
+        if self.start is None or (self.epoch+1) % self.every: return
         now = self._weights()
         self.changes[(self.epoch+1)//self.every] = {n: _rel_change(now[n], w) for n,w in self.start.items()}
         self.start = None

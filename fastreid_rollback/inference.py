@@ -27,8 +27,9 @@ import matplotlib.pyplot as plt
 from . import __version__
 from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, unwrap_model, inference_model
 from .backbones import create_backbone, resnet_archs
-from .data import reid_item_tfms, reid_batch_tfms, find_bad_images, _id_column
-from .metrics import reid_dist
+from .data import reid_item_tfms, reid_batch_tfms, find_bad_images
+from .checks import check_int, check_option, check_id_column
+from .metrics import reid_dist, reid_dist_names
 from .learner import show_framed_image
 from .experiment import read_checkpoint
 
@@ -296,10 +297,6 @@ def load_reid(fname, # a file written by `export_reid` (or `save_reid`, or `fast
     return ReIDPredictor(model, config, device, fp, Path(fname).resolve(), **kwargs)
 
 # %% ../nbs/09_inference.ipynb #49131fbb
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1: raise ValueError(f"k={k!r}: expected an int >= 1")
-    return int(k)
-
 def _query_feats(feats, # query features, as the index's predictor computes them
                  dim:int, # the index's feature dimension
                 ) -> Tensor:
@@ -326,7 +323,7 @@ def _ranked_nearest(d:Tensor, k:int):
 
 def _exact_nearest(qf:Tensor, gf:Tensor, k:int, dist:str):
     "`_ranked_nearest` of the `reid_dist` distances, a chunk of queries at a time"
-    rows = max(64, (2**24 // len(gf)) // 64 * 64)  # a multiple of `reid_dist`'s block of 64 queries
+    rows = max(64, (2**24 // len(gf)) // 64 * 64)  # a multiple of `reid_dist`'s tile of 64 queries
     out = [_ranked_nearest(reid_dist(qf[a:a+rows], gf, dist), k) for a in range(0, len(qf), rows)]
     return torch.cat([o[0] for o in out]),torch.cat([o[1] for o in out])
 
@@ -399,7 +396,7 @@ def _gallery_items(gallery, split):
         if split is not None and 'split' in df:
             df = df[df['split'] == split]
             if not len(df): raise ValueError(f"gallery: the DataFrame has no row with split {split!r}")
-        try: ids = [torch.tensor(_id_column(df, c, lo).to_numpy(copy=True)) if c in df else None for c,lo in (('pid', -1), ('camid', None))]
+        try: ids = [torch.tensor(check_id_column(df, c, lo).to_numpy(copy=True)) if c in df else None for c,lo in (('pid', -1), ('camid', None))]
         except ValueError as e: raise ValueError(f"gallery: {e}") from None  # the check `reid_dls` makes
         return [str(p) for p in df['path']],*ids
     if isinstance(gallery, (str, Path)):
@@ -423,8 +420,7 @@ def _readable(paths:list, pids:Tensor, camids:Tensor):
 
 def _check_options(dist:str, backend:str):
     "Raise a `ValueError` naming `dist` or `backend` when it is not one `ReIDIndex` knows"
-    if backend not in ('exact', 'faiss'): raise ValueError(f"backend={backend!r}: expected 'exact' or 'faiss'")
-    if dist not in ('cosine', 'euclidean'): raise ValueError(f"dist={dist!r}: expected 'cosine' or 'euclidean'")
+    check_option(backend, 'backend', ('exact', 'faiss')); check_option(dist, 'dist', reid_dist_names)
 
 def _feat_dim(predictor) -> int:
     "The dimension of `predictor`'s features (of one blank image)"
@@ -463,7 +459,7 @@ class ReIDIndex:
               faiss_factory:str='Flat', # FAISS `index_factory` string (see `ReIDIndex`)
              ):
         "Compute the features of the images of `gallery` and index them"
-        if on_bad_image not in ('raise', 'skip'): raise ValueError(f"on_bad_image={on_bad_image!r}: expected 'raise' or 'skip'")
+        check_option(on_bad_image, 'on_bad_image', ('raise', 'skip'))
         _check_options(dist, backend)
         paths,pids,camids = _gallery_items(gallery, split)
         if on_bad_image == 'skip': paths,pids,camids = _readable(paths, pids, camids)
@@ -483,7 +479,7 @@ class ReIDIndex:
                 k:int=10, # gallery images per query
                ): # (distances, gallery indices), both (n_query, min(k, len(self))), nearest first; -1 at distance inf: not found
         "The `k` gallery images nearest to each query feature, ranked as the evaluation ranks them (ties by gallery order)"
-        k,feats = min(_check_k(k), len(self)),_query_feats(feats, self.feats.shape[1])
+        k,feats = min(check_int(k, 'k', 1), len(self)),_query_feats(feats, self.feats.shape[1])
         if not len(feats): return torch.zeros(0, k),torch.zeros(0, k, dtype=torch.long)
         if self.backend == 'faiss': return _faiss_nearest(self.faiss_index, feats, k, self.dist)
         return _exact_nearest(feats, self.feats, k, self.dist)

@@ -5,7 +5,6 @@
 # %% ../nbs/04_learner.ipynb #8fcb7e24
 from __future__ import annotations
 import math, inspect
-from pathlib import Path
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
@@ -16,20 +15,23 @@ from fastai.learner import Learner, ValueMetric
 from fastai.callback.core import Callback, CancelValidException
 from fastai.optimizer import OptimWrapper
 from fastai.metrics import accuracy
-import fastai.callback.all  # fastai's standard callbacks: progress table, `fit_one_cycle`, `to_fp16`, ...
+import fastai.callback.all  # noqa: F401 fastai's standard callbacks: progress table, `fit_one_cycle`, `to_fp16`, ...
 import matplotlib.pyplot as plt
 from PIL import Image
 from .model import ReIDModel, create_reid_model, ReIDLoss, reid_splitter, unwrap_model, inference_model
-from .metrics import reid_metrics, reid_dist, protocol_mask, reid_metric_names, _check_int
+from .metrics import reid_metrics, reid_dist, protocol_mask, reid_metric_names
+from .checks import check_int
 from .retrieval import postprocessed_metrics, postprocess_names
 
 # %% auto #0
-__all__ = ['reference_sgd', 'ReIDCallback', 'in_validation', 'SkipEmptyValidCallback', 'reid_learner', 'ReIDEvalCallback',
-           'show_framed_image', 'reid_metric_names']
+__all__ = ['reference_lr', 'reference_sgd', 'ReIDCallback', 'in_validation', 'FitOnlyCallback', 'SkipEmptyValidCallback',
+           'reid_learner', 'ReIDEvalCallback', 'show_framed_image', 'reid_metric_names']
 
 # %% ../nbs/04_learner.ipynb #ef5c2b2b
+reference_lr = 0.01  # the reference's base learning rate: `reference_sgd`'s, `train_reid`'s and `Learner.fit_rollback`'s default
+
 def reference_sgd(params, # parameter groups (from the splitter)
-                  lr:float=0.01, # learning rate (fastai sets it per group on `fit`)
+                  lr:float=reference_lr, # learning rate (fastai sets it per group on `fit`)
                   mom:float=0.9, # momentum
                   wd:float=5e-4, # weight decay, coupled (L2 added to the gradient) as in `torch.optim.SGD`
                   nesterov:bool=True, # Nesterov momentum
@@ -45,7 +47,7 @@ def _dls_n_ids(dls):
     if n is None: raise ValueError("dls has no n_ids (number of training identities) nor vocab: build it with reid_dls")
     return n
 
-def _check_ids(model, dls):
+def _check_head_fits(model, dls):
     "Raise a `ValueError` when the identities of `dls` do not fit the head of `model`"
     m,n = unwrap_model(model),_dls_n_ids(dls)
     if getattr(m, 'n_ids', n) != n: raise ValueError(
@@ -56,7 +58,7 @@ def _check_ids(model, dls):
 class ReIDCallback(Callback):
     "Checks that the dataset fits the head, and hands metrics the logits when the model also returns features"
     order = -5
-    def before_fit(self): _check_ids(self.model, self.dls)
+    def before_fit(self): _check_head_fits(self.model, self.dls)
     def after_loss(self):
         if isinstance(self.pred, tuple): self.learn.pred = self.pred[0]
 
@@ -66,15 +68,19 @@ def in_validation(learn:Learner):
     lock = getattr(learn, 'lock', None)  # held by `validation_context` while it runs, and by nothing else
     return lock is not None and lock.locked()
 
+class FitOnlyCallback(Callback):
+    "A `Callback` whose events are those of `fit` only: `validate` and `get_preds` (also inside a fit) leave it alone"
+    def __call__(self, event_name):
+        return None if in_validation(self.learn) else super().__call__(event_name)
+
 def _number(v):
     "`v` as the `Recorder` logs it: a Python number for a one-element tensor"
     return v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
 
-class SkipEmptyValidCallback(Callback):
+class SkipEmptyValidCallback(FitOnlyCallback):
     "Skips the validation phase of `fit` when `dls.valid` is empty, and drops the columns only it could fill"
     order,skip,kept = 55,False,L()  # after the `Recorder` (50) names the columns, before `ProgressCallback` and `CSVLogger` (60) show them
     def before_fit(self):
-        if in_validation(self.learn): return  # `validate` and `get_preds` run their loader as fastai does
         self.skip,self.kept = len(self.dls.valid) == 0,L()
         rec = getattr(self.learn, 'recorder', None)
         if not self.skip or rec is None or not rec.valid_metrics: return
@@ -85,10 +91,10 @@ class SkipEmptyValidCallback(Callback):
         rec.metric_names = names[:n] + valid + names[n+len(mets):]
 
     def before_validate(self):
-        if self.skip and not in_validation(self.learn): raise CancelValidException()
+        if self.skip: raise CancelValidException()
 
     def after_validate(self):
-        if self.skip and self.kept and not in_validation(self.learn): self.recorder.log += [_number(m.value) for m in self.kept]  # the `Recorder` logs nothing for a cancelled validation
+        if self.skip and self.kept: self.recorder.log += [_number(m.value) for m in self.kept]  # the `Recorder` logs nothing for a cancelled validation
 
 # %% ../nbs/04_learner.ipynb #007b88fd
 _losses = ('ce', 'triplet', 'ce+triplet')
@@ -121,7 +127,7 @@ def reid_learner(dls, # DataLoaders with `n_ids` (from `reid_dls`)
     n_ids,triplet = _dls_n_ids(dls),'triplet' in loss
     if isinstance(arch, ReIDModel): model = _given_model(arch, loss)
     else: model = create_reid_model(arch, n_ids, neck=neck, blocks=blocks, pretrained=pretrained, with_feats=triplet, pool=pool, last_stride=last_stride)
-    _check_ids(model, dls)
+    _check_head_fits(model, dls)
     loss_func = kwargs.pop('loss_func', None) or ReIDLoss('ce' in loss, triplet, label_smoothing, triplet_margin, triplet_normalize)
     return Learner(dls, model, loss_func=loss_func, opt_func=opt_func, splitter=reid_splitter, metrics=metrics,
                    cbs=[ReIDCallback(), SkipEmptyValidCallback()]+listify(cbs), **kwargs)
@@ -198,7 +204,7 @@ def _check_eval_options(kwargs:dict):
     known = [k for k in inspect.signature(Learner.reid_evaluate).parameters if k not in ('self', 'query', 'gallery', 'flip', 'rerank', 'aqe', 'variants')]  # its own parameters
     unknown = sorted(set(kwargs) - set(known))
     if unknown: raise ValueError(f"unknown option(s) {unknown}: ReIDEvalCallback passes its keyword arguments to reid_evaluate, which takes {known}")
-    if 'max_rank' in kwargs and _check_int(kwargs['max_rank'], 'max_rank') < 10:
+    if 'max_rank' in kwargs and check_int(kwargs['max_rank'], 'max_rank') < 10:
         raise ValueError(f"max_rank={kwargs['max_rank']}: ReIDEvalCallback records rank-10, so it needs max_rank >= 10")
     ids,opts = torch.tensor([1, 2]),{k:v for k,v in kwargs.items() if k in inspect.signature(reid_metrics).parameters and k != 'max_rank'}
     reid_metrics(torch.eye(2), torch.eye(2), ids, ids, ids, ids+1, **opts)  # a 2 x 2 problem checks every other option
@@ -294,7 +300,7 @@ def show_ranked(self:Learner, n_queries:int=4, # number of queries (rows)
                 figsize:tuple=None, # figure size (default from the grid)
                ):
     "Grid of queries and their `top_k` gallery images, bordered green (true match) or red (wrong)"
-    _check_int(n_queries, 'n_queries', 1); _check_int(top_k, 'top_k', 1)
+    check_int(n_queries, 'n_queries', 1); check_int(top_k, 'top_k', 1)
     query,gallery = _query_gallery(self, query, gallery)
     qf,qp,qc = self.reid_features(query, flip=flip)
     gf,gp,gc = self.reid_features(gallery, flip=flip)

@@ -4,76 +4,22 @@
 
 # %% ../nbs/00_metrics.ipynb #d8a834b8
 from __future__ import annotations
-import math, operator
+import math
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import store_attr
+from .checks import check_option, check_int, check_ids, check_matrix, check_finite, check_feats, check_reid_ids
 
 # %% auto #0
-__all__ = ['reid_metric_names', 'protocol_mask', 'reid_dist', 'ReIDResult', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
+__all__ = ['reid_dist_names', 'reid_metric_names', 'protocol_mask', 'dist_feats', 'sims_to_dists', 'reid_dist', 'take_1d',
+           'ReIDResult', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
 
 # %% ../nbs/00_metrics.ipynb #e88bf89a
-_dists, _protocols, _aps = ('cosine', 'euclidean'), ('market1501', 'cuhk03'), ('standard', 'trapezoid')
-
-def _check_option(value, name, options):
-    "Raise a `ValueError` naming `name` unless `value` is one of `options`"
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
-
-def _check_int(value, name, lo=None):
-    "`value` as an `int`, or a `ValueError` naming `name` (also when below `lo`)"
-    if isinstance(value, bool): raise ValueError(f"{name} must be an int, got {value!r}")
-    try: v = operator.index(value)
-    except TypeError: raise ValueError(f"{name} must be an int, got {value!r}") from None
-    if lo is not None and v < lo: raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return v
-
-def _as_tensor(x, name):
-    "`x` (tensor, numpy array or list) as a tensor"
-    if isinstance(x, Tensor): t = x
-    else:
-        try: t = torch.as_tensor(np.asarray(x))
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{name} must be a tensor, a numpy array or a list of numbers, got {type(x).__name__}") from None
-    if t.is_meta: raise ValueError(f"{name} is on the meta device, which holds no values: pass a tensor with data")
-    if t.layout != torch.strided: raise ValueError(f"{name} must be a dense tensor, got layout {t.layout}")
-    return t
-
-# %% ../nbs/00_metrics.ipynb #f2f5cc3f
-def _check_ids(x, name, n, what, device):
-    "`x` as a 1-D int64 tensor of `n` ids on `device`, or a `ValueError` naming `name`"
-    t = _as_tensor(x, name)
-    if t.ndim != 1: raise ValueError(f"{name} must be 1-D (one id per image), got shape {tuple(t.shape)}")
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
-    if n is not None and len(t) != n: raise ValueError(f"{name} has {len(t)} entries, expected {n} (one per {what})")
-    t = t.to(device=device, dtype=torch.int64)
-    if name.endswith('pids') and len(t) and int(t.min()) < -1:
-        raise ValueError(f"{name} must be >= -1 (-1 is junk, 0 a distractor), got {int(t.min())}")
-    return t
-
-def _check_matrix(x, name, what):
-    "`x` as a non-empty 2-D float tensor (float32 or float64), or a `ValueError` naming `name`"
-    t = _as_tensor(x, name)
-    if t.ndim != 2: raise ValueError(f"{name} must be 2-D ({what}), got shape {tuple(t.shape)}")
-    if t.shape[0] == 0 or t.shape[1] == 0: raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): expected {what}")
-    if t.dtype == torch.bool or t.is_complex(): raise ValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
-    if t.dtype != torch.float64: t = t.to(torch.float64 if not t.is_floating_point() and t.element_size() > 2 else torch.float32)
-    return t
-
-def _check_finite(t, name):
-    "Raise a `ValueError` naming `name` if `t` holds NaN or inf (a cheap sum first, the exact test if it is not finite)"
-    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all(): raise ValueError(f"{name} holds NaN or inf")
-
-# %% ../nbs/00_metrics.ipynb #47324b0e
-def _check_all_ids(q_pids, g_pids, q_camids, g_camids, nq, ng, src, device):
-    "The four id arrays, checked against `nq` queries and `ng` gallery images of `src`"
-    qw, gw = f"query (rows of {src})", f"gallery image (rows of gallery_feats)" if src == 'query_feats' else f"gallery image (columns of {src})"
-    return (_check_ids(q_pids, 'q_pids', nq, qw, device), _check_ids(g_pids, 'g_pids', ng, gw, device),
-            _check_ids(q_camids, 'q_camids', nq, qw, device), _check_ids(g_camids, 'g_camids', ng, gw, device))
+reid_dist_names = ('cosine', 'euclidean')  # the distances `reid_dist` computes (its `dist` argument)
+_protocols, _aps = ('market1501', 'cuhk03'), ('standard', 'trapezoid')
 
 # %% ../nbs/00_metrics.ipynb #5e73df60
 def _kept(qp, gp, qc, gc):
@@ -86,66 +32,59 @@ def protocol_mask(q_pids, # identity of each query
                   g_camids, # camera of each gallery image
                  )->Tensor:
     "(n_query, n_gallery) bool mask, True where a gallery image counts for the query (on the device of `q_pids`)"
-    qp = _check_ids(q_pids, 'q_pids', None, 'query', None)
-    gp = _check_ids(g_pids, 'g_pids', None, 'gallery image', qp.device)
-    qc = _check_ids(q_camids, 'q_camids', len(qp), 'query, as q_pids', qp.device)
-    gc = _check_ids(g_camids, 'g_camids', len(gp), 'gallery image, as g_pids', qp.device)
+    qp = check_ids(q_pids, 'q_pids', None, 'query', None)
+    gp = check_ids(g_pids, 'g_pids', None, 'gallery image', qp.device)
+    qc = check_ids(q_camids, 'q_camids', len(qp), 'query, as q_pids', qp.device)
+    gc = check_ids(g_camids, 'g_camids', len(gp), 'gallery image, as g_pids', qp.device)
     return _kept(qp[:, None], gp, qc[:, None], gc)
 
 # %% ../nbs/00_metrics.ipynb #fe9a25de
-_block = 64
+_tile = 64
 
-def _prep_feats(qf, gf, dist):
-    "Features (and squared norms for euclidean) as the distance needs them"
+def dist_feats(qf:Tensor, # (n_query, dim) features, checked (see `check_feats`)
+               gf:Tensor, # (n_gallery, dim) features, checked
+               dist:str, # 'cosine' or 'euclidean'
+              )->tuple: # (qf, gf, squared norms of qf, of gf); normalised features and no norms for 'cosine'
+    "Features (and squared norms for euclidean) as `reid_dist`'s distances need them: `sims_to_dists(qf @ gf.T, ...)` gives the distances"
     if dist == 'cosine': return F.normalize(qf, dim=1), F.normalize(gf, dim=1), None, None
     return qf, gf, qf.pow(2).sum(1), gf.pow(2).sum(1)
 
-def _sims_to_dists(d, qn, gn):
+def sims_to_dists(d:Tensor, # (rows, cols) products of `dist_feats`' features: modified in place
+                  qn:Tensor|None, # squared norms of the rows' features (None: cosine)
+                  gn:Tensor|None, # squared norms of the columns' features
+                 )->Tensor:
     "In place: similarities -> cosine distance (`qn` None) or euclidean distance (squared norms `qn`, `gn`)"
     if qn is None: return d.neg_().add_(1)
     return d.mul_(-2).add_(qn[:, None]).add_(gn).clamp_min_(0).sqrt_()
 
 def _dist_rows(qf, gf, qn, gn, a, b):
-    "Distances of queries `a`..`b-1` to the gallery, in blocks of `_block` queries aligned on multiples of `_block`"
+    "Distances of queries `a`..`b-1` to the gallery, in tiles of `_tile` queries aligned on multiples of `_tile`"
     out = qf.new_empty(b - a, len(gf))
-    for s in range(a - a % _block, b, _block):
-        e = min(s + _block, len(qf))
+    for s in range(a - a % _tile, b, _tile):
+        e = min(s + _tile, len(qf))
         lo, hi = max(s, a), min(e, b)
         if (lo, hi) == (s, e): d = torch.mm(qf[s:e], gf.T, out=out[s - a:e - a])
         else: d = torch.mm(qf[s:e], gf.T)
-        _sims_to_dists(d, None if qn is None else qn[s:e], gn)
+        sims_to_dists(d, None if qn is None else qn[s:e], gn)
         if (lo, hi) != (s, e): out[lo - a:hi - a] = d[lo - s:hi - s]
     return out
 
 # %% ../nbs/00_metrics.ipynb #d161f709
-def _check_feats(query_feats, gallery_feats):
-    "Both feature matrices, checked and in a common float dtype"
-    qf = _check_matrix(query_feats, 'query_feats', 'one feature vector per query')
-    gf = _check_matrix(gallery_feats, 'gallery_feats', 'one feature vector per gallery image')
-    if qf.shape[1] != gf.shape[1]:
-        raise ValueError(f"feature dimension mismatch: query_feats has {qf.shape[1]} columns, gallery_feats {gf.shape[1]}")
-    if qf.device != gf.device: raise ValueError(f"gallery_feats is on {gf.device} but query_feats on {qf.device}: put them on one device")
-    for t, n in ((qf, 'query_feats'), (gf, 'gallery_feats')): _check_finite(t, n)
-    dt = torch.promote_types(qf.dtype, gf.dtype)
-    return qf.to(dt), gf.to(dt)
-
 def reid_dist(query_feats, # (n_query, dim) features
               gallery_feats, # (n_gallery, dim) features
               dist:str='cosine', # 'cosine' (1 - cos of the features) or 'euclidean'
              )->Tensor:
     "The (n_query, n_gallery) distance matrix `reid_metrics` ranks with (smaller is closer)"
-    _check_option(dist, 'dist', _dists)
-    qf, gf = _check_feats(query_feats, gallery_feats)
-    return _dist_rows(*_prep_feats(qf, gf, dist), 0, len(qf))
+    check_option(dist, 'dist', reid_dist_names)
+    qf, gf = check_feats(query_feats, gallery_feats)
+    return _dist_rows(*dist_feats(qf, gf, dist), 0, len(qf))
 
 # %% ../nbs/00_metrics.ipynb #c5ed3f32
-def _at(x, idx):
+def take_1d(x:Tensor, # a 1-D tensor
+            idx:Tensor, # indices into `x`, of any shape
+           )->Tensor:
     "`x[idx]` for a 1-D `x` and an index tensor of any shape"
     return x.index_select(0, idx.reshape(-1)).view(idx.shape)
-
-def _at2(x, r, c):
-    "`x[r, c]` for a contiguous 2-D `x` (used by re-ranking)"
-    return _at(x.view(-1), r * x.shape[1] + c)
 
 # %% ../nbs/00_metrics.ipynb #d0ed850e
 class _Gallery:
@@ -154,27 +93,27 @@ class _Gallery:
         store_attr()
         real = (pids > 0).nonzero().squeeze(1)
         self.junk, self.distractors = (pids == -1).nonzero().squeeze(1), (pids == 0).nonzero().squeeze(1)
-        o = torch.sort(_at(pids, real), stable=True).indices
-        self.by_id = _at(real, o)
-        self.uids, self.count = torch.unique_consecutive(_at(pids, self.by_id), return_counts=True)
+        o = torch.sort(take_1d(pids, real), stable=True).indices
+        self.by_id = take_1d(real, o)
+        self.uids, self.count = torch.unique_consecutive(take_1d(pids, self.by_id), return_counts=True)
         self.start = self.count.cumsum(0) - self.count
         self.maxc = int(self.count.max()) if len(self.count) else 0
         self.cams = torch.unique(camids)                            # columns sorted by (identity, camera), for cuhk03
-        key = torch.searchsorted(self.uids, _at(pids, self.by_id)) * len(self.cams) + torch.searchsorted(self.cams, _at(camids, self.by_id))
+        key = torch.searchsorted(self.uids, take_1d(pids, self.by_id)) * len(self.cams) + torch.searchsorted(self.cams, take_1d(camids, self.by_id))
         o = torch.sort(key, stable=True).indices
-        self.by_cam, self.cam_key = _at(self.by_id, o), _at(key, o)
+        self.by_cam, self.cam_key = take_1d(self.by_id, o), take_1d(key, o)
 
     def find(self, q_pids):
         "Index in `uids` of each query's identity, and whether the gallery has that identity"
         if not len(self.uids): return torch.zeros_like(q_pids), torch.zeros_like(q_pids, dtype=torch.bool)
         j = torch.searchsorted(self.uids, q_pids.contiguous()).clamp_max_(len(self.uids) - 1)   # a column of a larger array is a strided view
-        return j, (q_pids > 0) & (_at(self.uids, j) == q_pids)
+        return j, (q_pids > 0) & (take_1d(self.uids, j) == q_pids)
 
     def same_id(self, j, has):
         "(columns, mask): the gallery columns of each query's identity, padded to `maxc`"
         k = torch.arange(self.maxc, device=j.device)
-        mask = k < torch.where(has, _at(self.count, j), 0)[:, None]
-        cols = _at(self.by_id, (_at(self.start, j)[:, None] + k).clamp_max_(len(self.by_id) - 1))
+        mask = k < torch.where(has, take_1d(self.count, j), 0)[:, None]
+        cols = take_1d(self.by_id, (take_1d(self.start, j)[:, None] + k).clamp_max_(len(self.by_id) - 1))
         return cols.masked_fill_(~mask, 0), mask
 
 # %% ../nbs/00_metrics.ipynb #bd73b324
@@ -210,25 +149,25 @@ def _bin_scale(d, n, mn, mx, nb):
 def _sorted_matches(D, qp, qc, j, has, gal):
     "The true matches of each row sorted by (distance, gallery index), and the row's same-identity columns"
     cols, same = gal.same_id(j, has)
-    pos = same & _kept(qp[:, None], _at(gal.pids, cols), qc[:, None], _at(gal.camids, cols))
+    pos = same & _kept(qp[:, None], take_1d(gal.pids, cols), qc[:, None], take_1d(gal.camids, cols))
     d, o = torch.sort(D.gather(1, cols).masked_fill_(~pos, math.inf), dim=1, stable=True)
     return d, cols.gather(1, o), pos.gather(1, o), cols, same
 
 def _negatives_in_earlier_bins(bins, cum, pcols, pos):
     "Negatives in the bins before each true match's bin (from the cumulative histogram `cum`)"
     bpos = bins.gather(1, pcols)
-    return torch.where(pos, _at(cum, (bpos.long() - 1).clamp_min_(0)), 0), bpos
+    return torch.where(pos, take_1d(cum, (bpos.long() - 1).clamp_min_(0)), 0), bpos
 
 def _flat_rows(D, mn, mx):
     "Indices of the rows of `D` whose distances are all equal (a collapsed model's): the sample says which may be"
     maybe = (mn == mx).nonzero().squeeze(1)
     if not len(maybe): return maybe
     lo, hi = torch.aminmax(D.index_select(0, maybe), dim=1)
-    return _at(maybe, (lo == hi).nonzero().squeeze(1))
+    return take_1d(maybe, (lo == hi).nonzero().squeeze(1))
 
 def _negatives_at_lower_index(rows, qp, pcols, pos, gal):
     "Negatives before each true match of the `rows` whose distances are all equal: those at a lower gallery index"
-    qp, pcols, pos = _at(qp, rows), pcols.index_select(0, rows), pos.index_select(0, rows)
+    qp, pcols, pos = take_1d(qp, rows), pcols.index_select(0, rows), pos.index_select(0, rows)
     neg = (gal.pids != -1) & (gal.pids != qp[:, None])         # kept and of another identity
     return torch.where(pos, neg.cumsum(1, dtype=torch.int32).gather(1, pcols).long(), 0)  # a true match is no negative: `<=` is `<` here
 
@@ -251,16 +190,16 @@ def _matches_passed(de, ge, k0, size, d, pcols):
     "Per entry (distance `de`, column `ge`): how many of the sorted true matches `k0`, `k0`+1, ... (`size` of them) come before it"
     d, pcols = d.view(-1), pcols.view(-1)
     def ahead(k, de, ge):
-        dk = _at(d, k)
-        return (dk < de) | ((dk == de) & (_at(pcols, k) < ge))
+        dk = take_1d(d, k)
+        return (dk < de) | ((dk == de) & (take_1d(pcols, k) < ge))
     passed = ahead(k0, de, ge)
     todo = _where_true(passed & (size > 1))                     # the matches are sorted: past the first, compare with the next
     passed = passed.long()
     for step in range(1, int(size.max()) if len(size) else 0):
         if not len(todo): break
-        a = ahead(_at(k0, todo) + step, _at(de, todo), _at(ge, todo))
+        a = ahead(take_1d(k0, todo) + step, take_1d(de, todo), take_1d(ge, todo))
         passed.index_add_(0, todo, a.long())
-        todo = _at(todo, _where_true(a & (_at(size, todo) > step + 1)))
+        todo = take_1d(todo, _where_true(a & (take_1d(size, todo) > step + 1)))
     return passed
 
 def _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal, nb):
@@ -270,13 +209,13 @@ def _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal, nb):
     slot = torch.full((c * nb,), -1, dtype=torch.int32, device=D.device)   # per bin: flat index of its first true match
     rows = torch.arange(c, device=D.device)[:, None] * m
     slot.index_put_((torch.masked_select(bpos, pos).long(),), torch.masked_select(first + rows, pos).int())
-    f = _where_true(_at(slot >= 0, bins))                      # the entries in a bin with a true match (few)
-    k0 = _at(slot, _at(bins.view(-1), f)).long()
+    f = _where_true(take_1d(slot >= 0, bins))                      # the entries in a bin with a true match (few)
+    k0 = take_1d(slot, take_1d(bins.view(-1), f)).long()
     r = torch.div(f, G, rounding_mode='floor'); g = f - r * G
-    p = _at(gal.pids, g)
-    neg = (p != -1) & (p != _at(qp, r))                        # kept and of another identity
-    sz = _at(size.view(-1), k0)
-    passed = _matches_passed(_at(D.view(-1), f), g, k0, sz, d, pcols)
+    p = take_1d(gal.pids, g)
+    neg = (p != -1) & (p != take_1d(qp, r))                        # kept and of another identity
+    sz = take_1d(size.view(-1), k0)
+    passed = _matches_passed(take_1d(D.view(-1), f), g, k0, sz, d, pcols)
     before = torch.where(neg & (passed < sz), k0 + passed, c * m)   # a negative that passed s matches comes before k0+s, ...
     cum = torch.bincount(before, minlength=c * m + 1)[:-1].view(c, m).cumsum(1)
     return torch.where(pos, cum - torch.where(first > 0, cum.gather(1, (first - 1).clamp_min(0)), 0), 0)
@@ -284,7 +223,7 @@ def _negatives_in_same_bin(D, bins, bpos, pos, d, pcols, qp, gal, nb):
 # %% ../nbs/00_metrics.ipynb #79ed4031
 def _binned_negatives(D, d, pcols, pos, cols, same, n, mn, mx, qp, gal):
     "Negatives before each true match: in the bins before its bin (a histogram), and before it in its bin (compared)"
-    (c, G), nb = D.shape, _bins_per_row(D.shape[1])
+    c, nb = len(D), _bins_per_row(D.shape[1])
     bins = _bins(D, *_bin_scale(d, n, mn, mx, nb), nb)
     hist = torch.bincount(bins.view(-1), minlength=c * nb)
     excl = torch.cat([torch.masked_select(bins.gather(1, cols), same), bins.index_select(1, gal.junk).view(-1)]).long()
@@ -319,16 +258,16 @@ def _query_scores(ranks, n, ap):
     return ranks[:, 0], aps, inp
 
 # %% ../nbs/00_metrics.ipynb #571b1cbb
-_repeats, _draw_block = 10, 64   # draws per query; queries per generator, so a query's draws do not depend on the chunks
+_repeats, _draw_group = 10, 64   # draws per query; queries per generator, so a query's draws do not depend on the chunks
 
 def _uniform_draws(seed, a, b, n):
-    "(b-a, `_repeats`, `n`) uniforms in [0, 1) for the queries `a`..`b-1`: a CPU generator per block of queries, seeded by (seed, block)"
+    "(b-a, `_repeats`, `n`) uniforms in [0, 1) for the queries `a`..`b-1`: a CPU generator per group of queries, seeded by (seed, group)"
     out = []
-    for block in range(a // _draw_block, (b - 1) // _draw_block + 1):
-        state = np.random.SeedSequence([seed % 2**64, block]).generate_state(1, np.uint64)[0]
-        u = torch.rand(_draw_block, _repeats, n, generator=torch.Generator().manual_seed(int(state)))
-        s = block * _draw_block
-        out.append(u[max(a, s) - s:min(b, s + _draw_block) - s])
+    for group in range(a // _draw_group, (b - 1) // _draw_group + 1):
+        state = np.random.SeedSequence([seed % 2**64, group]).generate_state(1, np.uint64)[0]
+        u = torch.rand(_draw_group, _repeats, n, generator=torch.Generator().manual_seed(int(state)))
+        s = group * _draw_group
+        out.append(u[max(a, s) - s:min(b, s + _draw_group) - s])
     return torch.cat(out)
 
 def _draw(u, n):
@@ -345,8 +284,8 @@ def _own_draw_layout(gal, qc, j):
     cd = torch.searchsorted(gal.cams, qc.contiguous())
     qk = j * len(gal.cams) + cd
     lo = torch.searchsorted(gal.cam_key, qk)
-    hi = torch.where(_at(gal.cams, cd.clamp_max(len(gal.cams) - 1)) == qc, torch.searchsorted(gal.cam_key, qk, right=True), lo)
-    return lo - _at(gal.start, j), hi - lo
+    hi = torch.where(take_1d(gal.cams, cd.clamp_max(len(gal.cams) - 1)) == qc, torch.searchsorted(gal.cam_key, qk, right=True), lo)
+    return lo - take_1d(gal.start, j), hi - lo
 
 def _sampled_ranks(D, q0, qc, j, n, gal, seed):
     "Rank of the drawn true match among one drawn image per identity (and every distractor), per row and repeat"
@@ -356,9 +295,9 @@ def _sampled_ranks(D, q0, qc, j, n, gal, seed):
     dd, dcols = D.index_select(1, gal.distractors), gal.distractors
     out = []
     for rep in range(_repeats):
-        cols = _at(gal.by_cam, gal.start + _draw(u[:, rep], gal.count))
+        cols = take_1d(gal.by_cam, gal.start + _draw(u[:, rep], gal.count))
         k = _draw(u[:, rep].gather(1, j[:, None]).squeeze(1), n)
-        own = _at(gal.by_cam, (_at(gal.start, j) + torch.where(k < before, k, k + same)).clamp_max_(len(gal.by_cam) - 1))
+        own = take_1d(gal.by_cam, (take_1d(gal.start, j) + torch.where(k < before, k, k + same)).clamp_max_(len(gal.by_cam) - 1))
         cols.scatter_(1, j[:, None], own[:, None])
         dq = D.gather(1, own[:, None])
         ahead = _ahead(D.gather(1, cols), cols, dq, own[:, None]).sum(1) + _ahead(dd, dcols, dq, own[:, None]).sum(1)
@@ -387,7 +326,7 @@ class ReIDResult:
 
     def rank(self, k:int): # rank, from 1 to `max_rank`
         "CMC at rank `k`: the fraction of valid queries with a true match among the first `k`"
-        k = _check_int(k, 'k', 1)
+        k = check_int(k, 'k', 1)
         if k > self.max_rank: raise ValueError(f"k must be <= {self.max_rank} (the max_rank of this result), got {k}")
         return float(self.cmc[min(k, len(self.cmc)) - 1])   # past the gallery's size the curve stays at its last value
 
@@ -410,7 +349,7 @@ class ReIDResult:
 # %% ../nbs/00_metrics.ipynb #137f14b7
 def _chunk_rows(chunk_size, ng, align, device):
     "Query rows per chunk: `chunk_size`, else about 1M distances (cache-sized) on CPU, 32M on GPU; at most `_max_rows`"
-    if chunk_size is not None: return min(_check_int(chunk_size, 'chunk_size', 1), _max_rows)
+    if chunk_size is not None: return min(check_int(chunk_size, 'chunk_size', 1), _max_rows)
     rows = max(1, min((2**20 if device.type == 'cpu' else 2**25) // ng, _max_rows))
     return max(align, rows - rows % align)
 
@@ -436,10 +375,10 @@ def _evaluate(rows, nq, qp, gp, qc, gc, max_rank, protocol, ap, chunk, seed, nam
     def scores(a):
         b = min(a + chunk, nq)
         D = rows(a, b).contiguous()
-        _check_finite(D, name)
+        check_finite(D, name)
         ranks, n = _match_ranks(D, qp[a:b], qc[a:b], j[a:b], has[a:b], gal)
         vi = (n > 0).nonzero().squeeze(1)
-        first, aps, inps = _query_scores(ranks.index_select(0, vi), _at(n, vi), ap)
+        first, aps, inps = _query_scores(ranks.index_select(0, vi), take_1d(n, vi), ap)
         drawn = _sampled_ranks(D, a, qc[a:b], j[a:b], n, gal, seed).index_select(0, vi) if protocol == 'cuhk03' else first
         return first, aps, inps, drawn
     first, apq, inp, drawn = (torch.cat(l) for l in zip(*_map_chunks(scores, range(0, nq, chunk), qp.device)))
@@ -451,8 +390,8 @@ def _evaluate(rows, nq, qp, gp, qc, gc, max_rank, protocol, ap, chunk, seed, nam
 
 # %% ../nbs/00_metrics.ipynb #97ee534b
 def _check_opts(max_rank, protocol, ap, seed):
-    _check_option(protocol, 'protocol', _protocols); _check_option(ap, 'ap', _aps)
-    return _check_int(max_rank, 'max_rank', 1), _check_int(seed, 'seed')
+    check_option(protocol, 'protocol', _protocols); check_option(ap, 'ap', _aps)
+    return check_int(max_rank, 'max_rank', 1), check_int(seed, 'seed')
 
 def reid_metrics_from_dist(distmat, # (n_query, n_gallery) distances, smaller is closer
                            q_pids, # identity of each query
@@ -466,8 +405,8 @@ def reid_metrics_from_dist(distmat, # (n_query, n_gallery) distances, smaller is
                            seed:int=0, # seed of the cuhk03 draws
                           )->ReIDResult:
     "CMC, mAP and mINP of a precomputed query x gallery distance matrix under the ReID `protocol`"
-    dm = _check_matrix(distmat, 'distmat', 'one row per query, one column per gallery image')
-    ids = _check_all_ids(q_pids, g_pids, q_camids, g_camids, *dm.shape, 'distmat', dm.device)
+    dm = check_matrix(distmat, 'distmat', 'one row per query, one column per gallery image')
+    ids = check_reid_ids(q_pids, g_pids, q_camids, g_camids, *dm.shape, 'distmat', dm.device)
     max_rank, seed = _check_opts(max_rank, protocol, ap, seed)
     chunk = _chunk_rows(chunk_size, dm.shape[1], 1, dm.device)
     return _evaluate(lambda a, b: dm[a:b], len(dm), *ids, max_rank, protocol, ap, chunk, seed, 'distmat')
@@ -487,12 +426,12 @@ def reid_metrics(query_feats, # (n_query, dim) features
                  seed:int=0, # seed of the cuhk03 draws
                 )->ReIDResult:
     "CMC, mAP and mINP of query and gallery features; distances are computed chunk by chunk, never all at once"
-    _check_option(dist, 'dist', _dists)
-    qf, gf = _check_feats(query_feats, gallery_feats)
-    ids = _check_all_ids(q_pids, g_pids, q_camids, g_camids, len(qf), len(gf), 'query_feats', qf.device)
+    check_option(dist, 'dist', reid_dist_names)
+    qf, gf = check_feats(query_feats, gallery_feats)
+    ids = check_reid_ids(q_pids, g_pids, q_camids, g_camids, len(qf), len(gf), 'query_feats', qf.device)
     max_rank, seed = _check_opts(max_rank, protocol, ap, seed)
-    feats = _prep_feats(qf, gf, dist)
-    chunk = _chunk_rows(chunk_size, len(gf), _block, qf.device)
+    feats = dist_feats(qf, gf, dist)
+    chunk = _chunk_rows(chunk_size, len(gf), _tile, qf.device)
     return _evaluate(lambda a, b: _dist_rows(*feats, a, b), len(qf), *ids, max_rank, protocol, ap, chunk, seed,
                      'the distances of query_feats and gallery_feats')
 

@@ -8,16 +8,16 @@ import copy, operator, os, secrets
 from collections import Counter
 from functools import partial
 from pathlib import Path
-import numpy as np, torch, torchvision
+import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from fastcore.basics import store_attr, listify
-from fastcore.foundation import L
 from fastai.torch_core import Module
 from fastai.callback.hook import num_features_model
-from .backbones import (resnet_blocks, resnet_archs, create_backbone, backbone_blocks, check_block_cover, set_last_stride, reid_pool, reid_pools,
-                                         load_backbone_weights, tv_families, TorchvisionBody, _check_keys)
+from .backbones import (create_backbone, backbone_blocks, check_block_cover, set_last_stride, reid_pool, reid_pools,
+                                         load_backbone_weights, tv_families, TorchvisionBody)
+from .checks import check_int, check_keys
 
 # %% auto #0
 __all__ = ['atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'create_reid_model',
@@ -124,17 +124,13 @@ class ReIDModel(Module):
     arch,last_stride,pool_name = None,2,'avg'  # the architecture's name, last stride and pooling (set in `create_reid_model`; `export_reid` records them)
     def __init__(self,
         backbone:nn.Module, # the body: images to a feature map (or to a pooled feature)
-        head:nn.Module=None, # `.neck` then `.classifier`, of sizes `nf` and `n_ids` (`ClassBlock`, `BNNeck`); an int in the older form `ReIDModel(arch, n_ids, **kwargs)`
+        head:nn.Module, # `.neck` then `.classifier`, of sizes `nf` and `n_ids` (`ClassBlock`, `BNNeck`)
         blocks:list|dict=None, # module names of `backbone`, low to high (`resnet_blocks` for a torchvision ResNet)
         pretrained_state:dict=None, # the block states to roll back to (`snapshot_blocks` of the pre-trained model)
         neck_feat:bool=False, # `features` returns the neck output instead of the pooled backbone feature
         with_feats:bool=False, # `forward` returns `(logits, pooled feature)` (for the triplet loss)
         pool:str='avg', # global pooling: 'avg' (the reference), 'max' or 'gem' (generalised mean, learnable p)
-        **kwargs # the older form only: passed to `create_reid_model`
     ):
-        if not isinstance(head, nn.Module):  # the older form, a factory call: `ReIDModel('resnet18', n_ids=10)` is `create_reid_model('resnet18', n_ids=10)`
-            m = create_reid_model(backbone, *L(head), blocks=blocks, pretrained_state=pretrained_state, pool=pool, **kwargs)
-            backbone,head,blocks,pretrained_state = m.backbone,m.head,m.blocks,m.pretrained_state
         self.blocks = _block_spec(blocks)
         _check_blocks(backbone, self.blocks)
         check_block_cover(backbone, self.blocks)
@@ -165,11 +161,6 @@ class ReIDModel(Module):
 
 # %% ../nbs/03_model.ipynb #d2e3856c
 _necks = {'classblock': ClassBlock, 'bnneck': BNNeck}
-
-def _check_n_ids(n_ids) -> int:
-    "`n_ids` as an int, or a `ValueError` naming it"
-    if isinstance(n_ids, bool) or not isinstance(n_ids, (int, np.integer)) or n_ids < 1: raise ValueError(f"n_ids={n_ids!r}: expected the number of training identities (an int >= 1)")
-    return int(n_ids)
 
 def _check_last_stride(last_stride) -> int:
     if isinstance(last_stride, bool) or last_stride not in (1, 2): raise ValueError(
@@ -211,7 +202,7 @@ def create_reid_model(
     **kwargs # passed to the head (`ClassBlock`: hidden, p)
 ) -> ReIDModel:
     "A `ReIDModel`: the body of `arch` cut into `blocks`, with its `pretrained` weights (read from a local file), a `pool` and a `neck` head for `n_ids` identities"
-    n_ids,last_stride = _check_n_ids(n_ids),_check_last_stride(last_stride)
+    n_ids,last_stride = check_int(n_ids, 'n_ids', 1),_check_last_stride(last_stride)
     if neck not in _necks: raise ValueError(f"neck={neck!r}: expected one of {list(_necks)}")
     _check_pool(pool)
     if not isinstance(arch, (str, nn.Module)): raise ValueError(f"arch={arch!r}: expected an architecture name or an nn.Module")
@@ -268,7 +259,7 @@ def load_block_state(model:nn.Module, # a ReIDModel, possibly wrapped
                     ):
     "Copy `state` into block `name` in place: parameter objects, devices and dtypes stay"
     own = _block_tensors(model, name)
-    _check_keys(state, own, f"state for block {name!r} does not fit the model")
+    check_keys(state, own, f"state for block {name!r} does not fit the model")
     with torch.no_grad():
         for k,v in own.items(): v.copy_(state[k])
 

@@ -4,42 +4,45 @@
 
 # %% ../nbs/00a_retrieval.ipynb #0aefa9bd
 from __future__ import annotations
-import math
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
+from .checks import check_option, check_int, check_float, check_feats, check_matrix, check_finite, check_reid_ids
 from .metrics import (
-    ReIDResult, reid_metrics, reid_metrics_from_dist, reid_dist, _check_option, _check_int,
-    _check_feats, _check_matrix, _check_finite, _check_all_ids, _prep_feats, _sims_to_dists, _kept, _at, _at2, _dists)
+    reid_metrics, reid_metrics_from_dist, reid_dist, reid_dist_names, protocol_mask, dist_feats, sims_to_dists, take_1d)
 
 # %% auto #0
 __all__ = ['reid_rerank', 'aqe', 'dba', 'ReIDROC', 'reid_roc_from_dist', 'reid_roc', 'plot_roc', 'postprocess_names',
            'postprocessed_metrics']
 
 # %% ../nbs/00a_retrieval.ipynb #f7e4c827
-def _default_block(device, cpu, gpu):
+def _at2(x, r, c):
+    "`x[r, c]` for a contiguous 2-D `x`"
+    return take_1d(x.view(-1), r * x.shape[1] + c)
+
+def _device_size(device, cpu, gpu):
     "A size: `cpu` on the CPU, `gpu` elsewhere"
     return cpu if device.type == 'cpu' else gpu
 
-def _row_blocks(n, nq, size):
+def _row_tiles(n, nq, size):
     "Ranges of at most `size` rows covering 0..n-1, none straddling the query/gallery boundary `nq`"
     return [(s, min(s + size, e)) for a, e in ((0, nq), (nq, n)) for s in range(a, e, size)]
 
-def _block_values(X, norms, a, b, c, d, out):
+def _tile_values(X, norms, a, b, c, d, out):
     "Rows a..b-1 of `X` against rows c..d-1, into `out`: cosine similarities (`norms` None, `X` normalised), else euclidean distances"
     S = torch.mm(X[a:b], X[c:d].T, out=out)
-    return S if norms is None else _sims_to_dists(S, norms[a:b], norms[c:d])
+    return S if norms is None else sims_to_dists(S, norms[a:b], norms[c:d])
 
 def _sq_dists(v, cosine):
-    "In place: block values -> `reid_dist`'s distances squared, the reference's starting point"
-    return (_sims_to_dists(v, None, None) if cosine else v).square_()
+    "In place: tile values -> `reid_dist`'s distances squared, the reference's starting point"
+    return (sims_to_dists(v, None, None) if cosine else v).square_()
 
 # %% ../nbs/00a_retrieval.ipynb #cfacfe8f
 def _nearest_in(B, k, offset, cosine):
-    "(values, indices, farthest value) of the `k` nearest in each row of block `B`, whose columns start at `offset`"
+    "(values, indices, farthest value) of the `k` nearest in each row of tile `B`, whose columns start at `offset`"
     v, i = B.topk(min(k, B.shape[1]), dim=1, largest=cosine)
     return v, i + offset, B.amin(1) if cosine else B.amax(1)
 
@@ -58,17 +61,17 @@ def _ranked(v, i, far, cosine):
     o = v.sort(dim=1, stable=True).indices
     return rowmax, v.gather(1, o), i.gather(1, o)
 
-def _nearest(X, norms, nq, k, block, progress=False):
-    "Largest squared distance of each row of `X`, its `k` nearest rows (scaled squared distances, indices), and the query x gallery block values"
+def _nearest(X, norms, nq, k, tile, progress=False):
+    "Largest squared distance of each row of `X`, its `k` nearest rows (scaled squared distances, indices), and the query x gallery tile values"
     N, cosine = len(X), norms is None
-    blocks = _row_blocks(N, nq, block)
-    cands, qg = [[] for _ in blocks], X.new_empty(nq, N - nq)
-    buf, buf_t = X.new_empty(min(block, N) ** 2), X.new_empty(min(block, N) ** 2)   # reused: fresh memory costs page faults
-    for p in progress_bar(range(len(blocks)), leave=False) if progress else range(len(blocks)):
-        a, b = blocks[p]
-        for q in range(p, len(blocks)):
-            c, d = blocks[q]
-            B = _block_values(X, norms, a, b, c, d, buf[:(b - a) * (d - c)].view(b - a, d - c))
+    tiles = _row_tiles(N, nq, tile)
+    cands, qg = [[] for _ in tiles], X.new_empty(nq, N - nq)
+    buf, buf_t = X.new_empty(min(tile, N) ** 2), X.new_empty(min(tile, N) ** 2)   # reused: fresh memory costs page faults
+    for p in progress_bar(range(len(tiles)), leave=False) if progress else range(len(tiles)):
+        a, b = tiles[p]
+        for q in range(p, len(tiles)):
+            c, d = tiles[q]
+            B = _tile_values(X, norms, a, b, c, d, buf[:(b - a) * (d - c)].view(b - a, d - c))
             if b <= nq < d: qg[a:b, c - nq:d - nq] = B
             cands[p].append(_nearest_in(B, k, c, cosine))
             if q == p: continue
@@ -96,7 +99,7 @@ def _expansion_sets(top, k1, chunk=2048):
         Hc = H.index_select(0, t.reshape(-1)).view(len(t), -1)       # R(j, k1/2) of each neighbour j of each row
         pos = torch.searchsorted(R, Hc).clamp_max_(kf - 1)
         shared = (R.gather(1, pos) == Hc).view(len(t), kf, kh).sum(2)
-        joins = r & (shared.double() > 2 / 3 * _at(hsize, t).double())    # the reference's test, in float64
+        joins = r & (shared.double() > 2 / 3 * take_1d(hsize, t).double())    # the reference's test, in float64
         ext = torch.where(joins[..., None] & (Hc.view(len(t), kf, kh) >= 0), Hc.view(len(t), kf, kh), N)
         cand = torch.cat([R, ext.view(len(t), -1)], 1).sort(1).values
         keep = cand < N
@@ -107,13 +110,13 @@ def _expansion_sets(top, k1, chunk=2048):
 
 # %% ../nbs/00a_retrieval.ipynb #58300411
 def _pair_values(X, norms, r, c):
-    "Block values (as `_block_values` gives them) of the pairs of rows (`r`, `c`) of `X`"
-    chunk = _default_block(X.device, 512, 2**16)    # on CPU, buffers that stay in cache
+    "Tile values (as `_tile_values` gives them) of the pairs of rows (`r`, `c`) of `X`"
+    chunk = _device_size(X.device, 512, 2**16)    # on CPU, buffers that stay in cache
     out, A, B = X.new_empty(len(r)), X.new_empty(chunk, X.shape[1]), X.new_empty(chunk, X.shape[1])
     for a in range(0, len(r), chunk):
         ri, ci = r[a:a + chunk], c[a:a + chunk]
         s = torch.index_select(X, 0, ri, out=A[:len(ri)]).mul_(torch.index_select(X, 0, ci, out=B[:len(ri)])).sum(1)
-        out[a:a + chunk] = s if norms is None else _sims_to_dists(s[:, None], _at(norms, ri), _at(norms, ci)[:, None])[:, 0]
+        out[a:a + chunk] = s if norms is None else sims_to_dists(s[:, None], take_1d(norms, ri), take_1d(norms, ci)[:, None])[:, 0]
     return out
 
 def _weights(X, norms, rowmax, sd, top, rows, cols):
@@ -122,10 +125,10 @@ def _weights(X, norms, rowmax, sd, top, rows, cols):
     d = _at2(sd, rows, hit.int().argmax(1))
     miss = (~hit.any(1)).nonzero().squeeze(1)
     if len(miss):
-        r, c = _at(rows, miss), _at(cols, miss)
-        d.index_copy_(0, miss, _sq_dists(_pair_values(X, norms, r, c), norms is None) / _at(rowmax, r))
+        r, c = take_1d(rows, miss), take_1d(cols, miss)
+        d.index_copy_(0, miss, _sq_dists(_pair_values(X, norms, r, c), norms is None) / take_1d(rowmax, r))
     w = torch.exp(-d)
-    return w / _at(torch.zeros_like(rowmax).index_add_(0, rows, w), rows)
+    return w / take_1d(torch.zeros_like(rowmax).index_add_(0, rows, w), rows)
 
 # %% ../nbs/00a_retrieval.ipynb #d8931c1d
 def _csr(rows, n):
@@ -135,26 +138,26 @@ def _csr(rows, n):
 
 def _segments(start, count, sel):
     "Indices of the entries of the rows `sel` (given `_csr`'s `start`, `count`), and for each the position in `sel` of its row"
-    c = _at(count, sel)
+    c = take_1d(count, sel)
     ends = c.cumsum(0)
     within = torch.arange(int(ends[-1]) if len(ends) else 0, device=c.device) - (ends - c).repeat_interleave(c)
-    return _at(start, sel).repeat_interleave(c) + within, torch.arange(len(sel), device=c.device).repeat_interleave(c)
+    return take_1d(start, sel).repeat_interleave(c) + within, torch.arange(len(sel), device=c.device).repeat_interleave(c)
 
 def _query_expansion(rows, cols, vals, top, k2):
     "V averaged over each row's `k2` nearest rows (itself included), as entries sorted by row, then column"
     N = len(top)
     e, s = _segments(*_csr(rows, N), top[:, :k2].reshape(-1))
-    key, inv = torch.unique(torch.div(s, k2, rounding_mode='floor') * N + _at(cols, e), return_inverse=True)
-    v = vals.new_zeros(len(key)).index_add_(0, inv, _at(vals, e)) / k2
+    key, inv = torch.unique(torch.div(s, k2, rounding_mode='floor') * N + take_1d(cols, e), return_inverse=True)
+    v = vals.new_zeros(len(key)).index_add_(0, inv, take_1d(vals, e)) / k2
     return torch.div(key, N, rounding_mode='floor'), key % N, v
 
 def _rerank_rows(rows, cols, vals, nq, qg, cosine, rowmax, lambda_value, chunk):
-    "In place: query x gallery block values `qg` -> re-ranked distances, the Jaccard terms from V's entries joined on their columns"
+    "In place: query x gallery tile values `qg` -> re-ranked distances, the Jaccard terms from V's entries joined on their columns"
     N = len(rowmax); ng = N - nq
     g = rows >= nq
     gr, gc, gv = (torch.masked_select(x, g) for x in (rows - nq, cols, vals))
     o = torch.argsort(gc * ng + gr)                                    # gallery entries by column
-    gr, gc, gv = _at(gr, o), _at(gc, o), _at(gv, o)
+    gr, gc, gv = take_1d(gr, o), take_1d(gc, o), take_1d(gv, o)
     gstart, gcount = _csr(gc, N)
     qr, qc, qv = (torch.masked_select(x, ~g) for x in (rows, cols, vals))
     qstart, qcount = _csr(qr, nq)
@@ -162,21 +165,12 @@ def _rerank_rows(rows, cols, vals, nq, qg, cosine, rowmax, lambda_value, chunk):
     for a in range(0, nq, chunk):
         b = min(a + chunk, nq)
         e = torch.arange(int(qstart[a]), int(qstart[b - 1] + qcount[b - 1]), device=rows.device)   # the query entries of rows a..b-1
-        ge, k = _segments(gstart, gcount, _at(qc, e))                  # each meets the gallery entries of its column
-        qe = _at(e, k)
-        m = buf[:(b - a) * ng].zero_().index_add_(0, (_at(qr, qe) - a) * ng + _at(gr, ge), torch.minimum(_at(qv, qe), _at(gv, ge)))
+        ge, k = _segments(gstart, gcount, take_1d(qc, e))                  # each meets the gallery entries of its column
+        qe = take_1d(e, k)
+        m = buf[:(b - a) * ng].zero_().index_add_(0, (take_1d(qr, qe) - a) * ng + take_1d(gr, ge), torch.minimum(take_1d(qv, qe), take_1d(gv, ge)))
         jaccard = m.div_(den[:len(m)].copy_(m).neg_().add_(2)).neg_().add_(1).view(b - a, ng)   # 1 - m / (2 - m)
         _sq_dists(qg[a:b], cosine).div_(rowmax[a:b, None]).mul_(lambda_value).add_(jaccard.mul_(1 - lambda_value))
     return qg
-
-# %% ../nbs/00a_retrieval.ipynb #7c35cbeb
-def _check_float(value, name, lo=-math.inf, hi=math.inf):
-    "`value` as a `float` in [`lo`, `hi`], or a `ValueError` naming `name`"
-    what = 'a finite number' if math.isinf(lo) and math.isinf(hi) else f'a number in [{lo}, {hi}]'
-    try: v = float(value) if not isinstance(value, (bool, str)) else math.nan
-    except (TypeError, ValueError): v = math.nan
-    if not (lo <= v <= hi and math.isfinite(v)): raise ValueError(f"{name} must be {what}, got {value!r}")
-    return v
 
 # %% ../nbs/00a_retrieval.ipynb #e4b5b107
 def reid_rerank(query_feats, # (n_query, dim) features
@@ -185,30 +179,30 @@ def reid_rerank(query_feats, # (n_query, dim) features
                 k2:int=6, # neighbours averaged by the local query expansion (1: none)
                 lambda_value:float=0.3, # weight of the original distance; 1 - lambda_value is the Jaccard distance's
                 dist:str='cosine', # the original distance: 'cosine' or 'euclidean' (see `reid_dist`)
-                chunk_size:int|None=None, # rows per block of the distance products (None: 2,048 on CPU, 8,192 on GPU)
-                progress:bool=False, # show a progress bar over the blocks
+                chunk_size:int|None=None, # rows per tile of the distance products (None: 2,048 on CPU, 8,192 on GPU)
+                progress:bool=False, # show a progress bar over the tiles
                )->Tensor:
     "(n_query, n_gallery) k-reciprocal re-ranked distances (Zhong et al., 2017): the reference `re_ranking` of `reid_dist`'s distances"
-    _check_option(dist, 'dist', _dists)
-    k1, k2 = _check_int(k1, 'k1', 1), _check_int(k2, 'k2', 1)
-    lambda_value = _check_float(lambda_value, 'lambda_value', 0, 1)
-    qf, gf = _check_feats(query_feats, gallery_feats)
-    block = _check_int(chunk_size, 'chunk_size', 1) if chunk_size is not None else _default_block(qf.device, 2048, 8192)
+    check_option(dist, 'dist', reid_dist_names)
+    k1, k2 = check_int(k1, 'k1', 1), check_int(k2, 'k2', 1)
+    lambda_value = check_float(lambda_value, 'lambda_value', 0, 1)
+    qf, gf = check_feats(query_feats, gallery_feats)
+    tile = check_int(chunk_size, 'chunk_size', 1) if chunk_size is not None else _device_size(qf.device, 2048, 8192)
     nq, N = len(qf), len(qf) + len(gf)
-    X, _, norms, _ = _prep_feats(torch.cat([qf, gf]), qf[:0], dist)
+    X, _, norms, _ = dist_feats(torch.cat([qf, gf]), qf[:0], dist)
     k2 = min(k2, N)
-    rowmax, sd, top, qg = _nearest(X, norms, nq, max(min(k1 + 1, N), k2), block, progress)
+    rowmax, sd, top, qg = _nearest(X, norms, nq, max(min(k1 + 1, N), k2), tile, progress)
     rows, cols = _expansion_sets(top, k1)
     vals = _weights(X, norms, rowmax, sd, top, rows, cols)
     if k2 > 1: rows, cols, vals = _query_expansion(rows, cols, vals, top, k2)
-    chunk = max(1, _default_block(qf.device, 2**22, 2**26) // (N - nq))
+    chunk = max(1, _device_size(qf.device, 2**22, 2**26) // (N - nq))
     return _rerank_rows(rows, cols, vals, nq, qg, norms is None, rowmax, lambda_value, chunk)
 
 # %% ../nbs/00a_retrieval.ipynb #7ad4f6d6
 def _weighted_neighbour_mean(x, db, k, alpha):
     "Each row of `x` -> the mean of its `k` most cosine-similar rows of `db`, weighted by the similarity to the power `alpha`"
     xn, dn, k = F.normalize(x, dim=1), F.normalize(db, dim=1), min(k, len(db))
-    out, chunk = torch.empty_like(x), max(1, _default_block(x.device, 2**22, 2**26) // len(db))
+    out, chunk = torch.empty_like(x), max(1, _device_size(x.device, 2**22, 2**26) // len(db))
     for a in range(0, len(x), chunk):
         s, i = (xn[a:a + chunk] @ dn.T).topk(k, dim=1)
         out[a:a + chunk] = torch.bmm(s.pow(alpha)[:, None], db.index_select(0, i.view(-1)).view(*i.shape, -1))[:, 0] / k
@@ -221,8 +215,8 @@ def aqe(query_feats, # (n_query, dim) features
         alpha:float=3.0, # weight of a neighbour: its cosine similarity to this power
        )->tuple: # (query_feats, gallery_feats), expanded
     "Alpha-weighted average query expansion of query and gallery features together (fast-reid's `aqe`)"
-    qf, gf = _check_feats(query_feats, gallery_feats)
-    qe_times, qe_k, alpha = _check_int(qe_times, 'qe_times', 0), _check_int(qe_k, 'qe_k', 1), _check_float(alpha, 'alpha')
+    qf, gf = check_feats(query_feats, gallery_feats)
+    qe_times, qe_k, alpha = check_int(qe_times, 'qe_times', 0), check_int(qe_k, 'qe_k', 1), check_float(alpha, 'alpha')
     x = torch.cat([qf, gf])
     for _ in range(qe_times): x = _weighted_neighbour_mean(x, x, qe_k, alpha)
     return x[:len(qf)], x[len(qf):]
@@ -234,9 +228,9 @@ def dba(gallery_feats, # (n_gallery, dim) features
         alpha:float=3.0, # weight of a neighbour: its cosine similarity to this power (0: plain mean)
        )->Tensor: # gallery features, augmented
     "Database-side augmentation: each gallery vector becomes the weighted mean of its `k` nearest gallery vectors"
-    gf = _check_matrix(gallery_feats, 'gallery_feats', 'one feature vector per gallery image')
-    _check_finite(gf, 'gallery_feats')
-    return _weighted_neighbour_mean(gf, gf, _check_int(k, 'k', 1), _check_float(alpha, 'alpha'))
+    gf = check_matrix(gallery_feats, 'gallery_feats', 'one feature vector per gallery image')
+    check_finite(gf, 'gallery_feats')
+    return _weighted_neighbour_mean(gf, gf, check_int(k, 'k', 1), check_float(alpha, 'alpha'))
 
 # %% ../nbs/00a_retrieval.ipynb #8c2390bc
 _fprs, _positives = (1e-4, 1e-3, 1e-2), ('same', 'different')
@@ -266,7 +260,7 @@ def _check_fprs(fprs):
     "`fprs` as a list of numbers in (0, 1]"
     try: fprs = list(fprs)
     except TypeError: raise ValueError(f"fprs must be a list of false positive rates in (0, 1], got {fprs!r}") from None
-    return [_check_float(f, 'fprs', 0, 1) for f in fprs]
+    return [check_float(f, 'fprs', 0, 1) for f in fprs]
 
 def reid_roc_from_dist(distmat, # (n_query, n_gallery) distances, smaller is closer
                        q_pids, # identity of each query
@@ -278,12 +272,12 @@ def reid_roc_from_dist(distmat, # (n_query, n_gallery) distances, smaller is clo
                       )->ReIDROC:
     "ROC of the query-gallery pairs of a distance matrix under fast-reid's protocol, and its TPR at `fprs`"
     from sklearn.metrics import roc_curve
-    dm = _check_matrix(distmat, 'distmat', 'one row per query, one column per gallery image')
-    _check_finite(dm, 'distmat')
-    qp, gp, qc, gc = _check_all_ids(q_pids, g_pids, q_camids, g_camids, *dm.shape, 'distmat', dm.device)
-    _check_option(positives, 'positives', _positives)
+    dm = check_matrix(distmat, 'distmat', 'one row per query, one column per gallery image')
+    check_finite(dm, 'distmat')
+    qp, gp, qc, gc = check_reid_ids(q_pids, g_pids, q_camids, g_camids, *dm.shape, 'distmat', dm.device)
+    check_option(positives, 'positives', _positives)
     fprs = _check_fprs(fprs)
-    keep = _kept(qp[:, None], gp, qc[:, None], gc)
+    keep = protocol_mask(qp, gp, qc, gc)
     d = torch.masked_select(dm, keep).cpu().numpy()
     same = torch.masked_select((gp == qp[:, None]) & (qp[:, None] > 0), keep).cpu().numpy()
     n_pos = int(same.sum())
@@ -304,7 +298,7 @@ def reid_roc(query_feats, # (n_query, dim) features
              positives:str='same', # 'same' (verification ROC) or 'different' (fast-reid's labels)
             )->ReIDROC:
     "ROC of the query-gallery pairs of query and gallery features (fast-reid's protocol), and its TPR at `fprs`"
-    _check_option(dist, 'dist', _dists)
+    check_option(dist, 'dist', reid_dist_names)
     return reid_roc_from_dist(reid_dist(query_feats, gallery_feats, dist), q_pids, g_pids, q_camids, g_camids, fprs, positives)
 
 # %% ../nbs/00a_retrieval.ipynb #b445e1ea

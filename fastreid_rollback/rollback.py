@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_rollback.ipynb #e8947b98
 from __future__ import annotations
-import os, sys, copy, random
+import os, copy, random
 from typing import Callable
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -13,15 +13,15 @@ import matplotlib.pyplot as plt
 from fastcore.basics import store_attr, patch
 from fastcore.meta import delegates
 from fastcore.foundation import L
-from fastai.callback.core import Callback
 from fastai.learner import Learner, Recorder, SkipToEpoch
 from fastai.optimizer import OptimWrapper
 from fastai.callback.schedule import ParamScheduler, SchedNo, combine_scheds, combined_cos
 from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 from .model import block_names, block_modules, block_state, load_block_state, reid_splitter, unwrap_model
-from .backbones import load_backbone_weights, _check_keys
-from .learner import in_validation
+from .backbones import load_backbone_weights
+from .checks import check_keys
+from .learner import FitOnlyCallback, reference_lr
 
 # %% auto #0
 __all__ = ['default_keep', 'period_epochs', 'load_pretrained_state', 'clear_opt_state', 'fresh_opt', 'RollbackCallback',
@@ -99,7 +99,7 @@ def _group_owners(model, opt):
 # %% ../nbs/05_rollback.ipynb #5e58e873
 _scheds = ('step', 'one_cycle')
 
-class RollbackCallback(Callback):
+class RollbackCallback(FitOnlyCallback):
     "Train in `n_periods` periods, rolling the high-level blocks back to their pre-trained state between periods"
     order,run_valid = 5,False
     def __init__(self,
@@ -128,9 +128,13 @@ class RollbackCallback(Callback):
             raise ValueError(f"reset_opt={reset_opt!r}: expected True (fresh optimizer), 'rolled_back' or False")
         store_attr()
 
+    @property
+    def total_epochs(self):
+        "Epochs of the whole schedule, `n_periods` x `epochs_per_period` (None when `epochs_per_period` is left to the fit)"
+        return None if self.epochs_per_period is None else self.n_periods*self.epochs_per_period
+
     def before_fit(self):
         "Check everything, take the snapshot, the parameter groups and the per-period LRs"
-        if in_validation(self.learn): return
         if any(isinstance(cb, ParamScheduler) for cb in self.learn.cbs): raise ValueError(
             "RollbackCallback sets the learning rates itself: remove the ParamScheduler from this fit (fit_one_cycle, "
             "fit_flat_cos, fit_sgdr and lr_find add one); use learn.fit or learn.fit_rollback, with sched='one_cycle' for a 1cycle per period")
@@ -158,7 +162,7 @@ class RollbackCallback(Callback):
         missing = [n for n in names if n not in src]
         if missing: raise ValueError(f"the pre-trained state has no block(s) {missing}, which are rolled back; it has {list(src)}")
         snap = {n:{k:v.detach().cpu() for k,v in src[n].items()} for n in names}
-        for n in names: _check_keys(snap[n], block_state(self.model, n), f"the pre-trained state of block {n!r} does not fit the model")
+        for n in names: check_keys(snap[n], block_state(self.model, n), f"the pre-trained state of block {n!r} does not fit the model")
         return snap
 
     def period_lrs(self, period:int):
@@ -198,7 +202,7 @@ class RollbackCallback(Callback):
 
     def after_fit(self):
         "Leave the roll-backs and LRs in the recorder"
-        if not in_validation(self.learn) and hasattr(self.learn, 'recorder'): self.recorder.rollback_events,self.recorder.group_lrs = self.events,self.lr_df
+        if hasattr(self.learn, 'recorder'): self.recorder.rollback_events,self.recorder.group_lrs = self.events,self.lr_df
 
     @property
     def lr_df(self):
@@ -226,7 +230,7 @@ def plot_group_lrs(lrs:pd.DataFrame, # per batch LRs: `epoch`, `iter` and a colu
     return ax
 
 @patch
-def plot_group_lrs(self:Recorder, ax=None):
+def plot_group_lrs(self:Recorder, ax=None):  # noqa: F811 (`@patch` leaves the function above under this name)
     "Plot the LR per group the last `RollbackCallback` set, roll-backs marked"
     return plot_group_lrs(self.group_lrs, getattr(self, 'rollback_events', None), ax=ax)
 
@@ -242,13 +246,12 @@ def _shuffling_loaders(dl):
     inner = getattr(dl, 'dl', None)
     return [dl, inner] if isinstance(inner, DataLoader) else [dl]
 
-class SeedEachEpoch(Callback):
+class SeedEachEpoch(FitOnlyCallback):
     "Seed python, numpy and torch and the training `DataLoader`'s shuffling from (`seed`, epoch) at each epoch start"
     order = SkipToEpoch.order+1
     def __init__(self, seed:int=0, # base seed: epoch `e` starts from `epoch_seed(seed, e)`
                 ): store_attr()
     def before_epoch(self):
-        if in_validation(self.learn): return
         s = epoch_seed(self.seed, self.epoch)
         set_seed(s)
         for dl in _shuffling_loaders(self.dls.train):
@@ -258,7 +261,7 @@ class SeedEachEpoch(Callback):
 @patch
 @delegates(RollbackCallback, but=['n_periods', 'epochs_per_period', 'keep'])
 def fit_rollback(self:Learner, epochs_per_period:int, # epochs of each period
-                 lr:float|slice=None, # base LR (default: the reference's 0.01); a slice gives discriminative LRs
+                 lr:float|slice=None, # base LR (default: `reference_lr`); a slice gives discriminative LRs
                  n_periods:int=4, # number of periods
                  keep:list=None, # per period boundary, the blocks that keep their weights (default: `default_keep`)
                  wd:float=None, # weight decay (default: `learn.wd`)
@@ -267,7 +270,7 @@ def fit_rollback(self:Learner, epochs_per_period:int, # epochs of each period
                  **kwargs):
     "Fit `n_periods` periods of `epochs_per_period` epochs, rolling the high-level blocks back between periods"
     cb = RollbackCallback(n_periods=n_periods, epochs_per_period=epochs_per_period, keep=keep, **kwargs)
-    self.fit(n_periods*epochs_per_period, 0.01 if lr is None else lr, wd=wd, cbs=L(cbs)+[cb], start_epoch=start_epoch)
+    self.fit(cb.total_epochs, reference_lr if lr is None else lr, wd=wd, cbs=L(cbs)+[cb], start_epoch=start_epoch)
 
 # %% ../nbs/05_rollback.ipynb #3d3294f3
 def _sq_sum(ts, device):
@@ -275,18 +278,16 @@ def _sq_sum(ts, device):
     if not ts: return torch.zeros((), device=device)
     return torch.stack([torch.linalg.vector_norm(t.detach()).float() for t in ts]).square().sum()
 
-class BlockGradStats(Callback):
+class BlockGradStats(FitOnlyCallback):
     "Record, per epoch and per block (and the head), the mean squared gradient of the block's parameters and its gradient norm relative to its weight norm"
     order,run_valid = MixedPrecision.order+1,False
     def before_fit(self):
-        if in_validation(self.learn): return
         self.names = block_names(self.model) + ['head']
         self.params = reid_splitter(self.model)
         self.numel = torch.tensor([float(sum(p.numel() for p in ps)) or 1. for ps in self.params])
         self.records,self.rel_records,self.rollback_epochs = [],[],[]
 
-    def before_epoch(self):
-        if not in_validation(self.learn): self.sums,self.rels,self.n = None,None,0
+    def before_epoch(self): self.sums,self.rels,self.n = None,None,0
 
     def before_step(self):
         "Accumulate each block's sum of squared gradients and `||g|| / ||w||` (gradients already unscaled under `MixedPrecision`)"
@@ -299,7 +300,6 @@ class BlockGradStats(Callback):
         self.n += 1
 
     def after_epoch(self):
-        if in_validation(self.learn): return
         if self.n:
             self.records.append([self.epoch] + (self.sums.cpu()/(self.numel*self.n)).tolist())
             self.rel_records.append([self.epoch] + (self.rels.cpu()/self.n).tolist())
@@ -307,7 +307,7 @@ class BlockGradStats(Callback):
         if rb: self.rollback_epochs = [ev['epoch'] for ev in getattr(rb[0], 'events', [])]
 
     def after_fit(self):
-        if not in_validation(self.learn) and hasattr(self.learn, 'recorder'): self.recorder.block_grads,self.recorder.rollback_epochs = self.df,self.rollback_epochs
+        if hasattr(self.learn, 'recorder'): self.recorder.block_grads,self.recorder.rollback_epochs = self.df,self.rollback_epochs
 
     @property
     def df(self):
@@ -336,6 +336,6 @@ def plot_block_grads(stats:pd.DataFrame, # mean squared gradient, epochs x block
     return ax
 
 @patch
-def plot_block_grads(self:Recorder, ax=None):
+def plot_block_grads(self:Recorder, ax=None):  # noqa: F811 (`@patch` leaves the function above under this name)
     "Plot the block gradients the last `BlockGradStats` recorded, roll-backs marked"
     return plot_block_grads(self.block_grads, getattr(self, 'rollback_epochs', None), ax=ax)

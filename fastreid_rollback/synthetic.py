@@ -4,14 +4,14 @@
 
 # %% ../nbs/01_synthetic.ipynb #13b591dc
 from __future__ import annotations
-import json, os, secrets, shutil, tempfile
+import json, os, secrets, shutil
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from .metrics import _check_int
+from .checks import check_int
 
 # %% auto #0
-__all__ = ['synthetic_reid']
+__all__ = ['market1501_dirs', 'synthetic_reid']
 
 # %% ../nbs/01_synthetic.ipynb #11cce893
 _CLOTH = np.array([[30,30,32],[225,225,220],[128,128,128],[35,45,90],[50,90,170],[120,160,210],[180,40,40],
@@ -173,7 +173,7 @@ def _render(idt:dict, cam:dict, rng:np.random.Generator, size:tuple, visible:boo
     return _shift_pixels(img, cam['shift'], rng) if 'shift' in cam else img
 
 # %% ../nbs/01_synthetic.ipynb #1f56c4a5
-_MARKET_DIRS = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}  # Market-1501's folder of each split, written here, read by the readers in `data`
+market1501_dirs = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}  # Market-1501's folder of each split, written here, read by the readers in `data`
 
 def _market_name(pid:int, cam:int, seq:int, frame:int, box:int) -> str:
     "Market-1501 file name of one box"
@@ -190,11 +190,11 @@ def _plan(n_ids, n_cams, imgs_per_id_cam, n_distractors, n_junk, seed, id_start,
         qcam = cams[int(np.random.default_rng([seed, 4, p]).integers(n_cams))]
         for c in cams:
             split = 'train' if j < n_train else 'query' if c==qcam else 'gallery'
-            plan += [(_MARKET_DIRS[split], p, c, (p, c, i), 'person') for i in range(imgs_per_id_cam)]
+            plan += [(market1501_dirs[split], p, c, (p, c, i), 'person') for i in range(imgs_per_id_cam)]
     rng = np.random.default_rng([seed, 5])
-    plan += [(_MARKET_DIRS['gallery'], 0, cams[int(rng.integers(n_cams))], (i,), 'distractor') for i in range(n_distractors)]
+    plan += [(market1501_dirs['gallery'], 0, cams[int(rng.integers(n_cams))], (i,), 'distractor') for i in range(n_distractors)]
     test_ids = pids[n_train:]
-    plan += [(_MARKET_DIRS['gallery'], -1, cams[int(rng.integers(n_cams))], (i, test_ids[int(rng.integers(len(test_ids)))]), 'junk')
+    plan += [(market1501_dirs['gallery'], -1, cams[int(rng.integers(n_cams))], (i, test_ids[int(rng.integers(len(test_ids)))]), 'junk')
              for i in range(n_junk)]
     return plan
 
@@ -205,7 +205,7 @@ def _write_jpeg(img:Image.Image, fn:Path, quality:int):
 
 def _draw_dataset(root:Path, plan, seed, size, quality, shift=0.):
     "Write every image of `plan` under `root`"
-    for f in _MARKET_DIRS.values(): (root/f).mkdir(parents=True)
+    for f in market1501_dirs.values(): (root/f).mkdir(parents=True)
     cams,counts = {},{}
     for folder,pid,cam,key,kind in plan:
         if cam not in cams:
@@ -222,11 +222,11 @@ def _draw_dataset(root:Path, plan, seed, size, quality, shift=0.):
 def _check_args(size, quality:int, **counts):
     "Raise a `ValueError` naming the first bad argument of `synthetic_reid`"
     lows = dict(n_ids=2, n_cams=2, imgs_per_id_cam=1, id_start=1, cam_start=1, n_distractors=0, n_junk=0, seed=0)
-    for k,v in counts.items(): _check_int(v, k, lows[k])
+    for k,v in counts.items(): check_int(v, k, lows[k])
     if isinstance(size, (str, bytes)) or not hasattr(size, '__len__') or len(size) != 2 or \
        not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 16 for s in size):
         raise ValueError(f"size must be (height, width), two ints >= 16, got {size!r}")
-    if _check_int(quality, 'quality') not in range(1, 96): raise ValueError(f"quality must be in 1..95 (JPEG quality), got {quality}")
+    if check_int(quality, 'quality') not in range(1, 96): raise ValueError(f"quality must be in 1..95 (JPEG quality), got {quality}")
 
 def _read_marker(marker:Path) -> dict|None:
     "The arguments recorded in a dataset's `synthetic_reid.json` (None when it has none); a `ValueError` naming a damaged one"

@@ -9,7 +9,7 @@ from fastai.learner import Learner
 from fastai.optimizer import SGD
 from fastai.vision.core import PILImage, image2tensor
 from fastreid_rollback.backbones import *
-from fastreid_rollback.model import create_reid_model, reid_splitter, block_modules, block_state, _block_tensors
+from fastreid_rollback.model import create_reid_model, reid_splitter, block_modules, _block_tensors
 from fastreid_rollback.rollback import RollbackCallback
 from fastreid_rollback.inference import load_reid, export_onnx
 from fastreid_rollback.test_utils import tiny_dls, StateProbe, assert_states_eq

@@ -222,7 +222,7 @@ def test_help_lists_commands():
 
 def test_demo_refuses_other_settings(tmp_path):
     "The folder of a demo made with other settings is not replaced without --overwrite (which the message names)"
-    from fastreid_rollback.cli import demo, _is_demo_output
+    from fastreid_rollback.cli import _is_demo_output
     synthetic_reid(tmp_path/'old'/'data', n_ids=4, imgs_per_id_cam=1, seed=5)   # what an earlier demo leaves first
     assert _is_demo_output(tmp_path/'old')
     p = cli('demo', '--out', tmp_path/'old', '--quick')
@@ -263,12 +263,12 @@ def test_export_index_search(tmp_path, reid_files):
 def inference_files(reid_files, tmp_path_factory):
     "A model file and a gallery index made from `reid_files`, a model file of another model, and broken files"
     from fastreid_rollback.inference import checkpoint_to_reid, load_reid, save_reid, ReIDIndex
-    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.model import create_reid_model
     ckpt, data = reid_files
     d = tmp_path_factory.mktemp('inference')
     model = checkpoint_to_reid(ckpt, d/'model.reid')
     ReIDIndex.build(load_reid(model), data/'bounding_box_test').save(d/'gallery.idx')
-    save_reid(ReIDModel('resnet18', n_ids=4), d/'other.reid', size=(64, 32))
+    save_reid(create_reid_model('resnet18', n_ids=4), d/'other.reid', size=(64, 32))
     (d/'garbage.bin').write_bytes(b'garbage' * 10)
     (d/'bad.jpg').write_text('not an image')
     (d/'folder').mkdir()
@@ -339,3 +339,10 @@ print('CODE', code, sorted({{m.split('.')[0] for m in sys.modules}} & {heavy!r})
 """
     p = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=120)
     assert p.stdout.splitlines()[-1] == f"CODE {code} []", (p.stdout[-500:], p.stderr[-2000:])
+
+def test_train_lr_default_is_the_reference():
+    "The CLI writes the reference LR out (its --help imports no torch): it is `reference_lr`"
+    import inspect
+    from fastreid_rollback.cli import train
+    from fastreid_rollback.learner import reference_lr
+    assert inspect.signature(train).parameters['lr'].default == reference_lr

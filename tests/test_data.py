@@ -1,5 +1,5 @@
 "Tests of the ReID readers, DataBlock, DataLoaders and PK sampler (fixture trees use each dataset's real naming)."
-import os, re, random, signal, string, tempfile, warnings
+import os, re, random, signal, tempfile, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
@@ -76,7 +76,7 @@ def test_market1501(tmp_path):
     assert df.set_index(df.path.map(lambda p: p.name)).loc['0003_c4s6_015641_00.jpg'].tolist()[1:] == [3, 4, 'query']
 
 def test_dukemtmc_reid(tmp_path):
-    root = duke_tree(tmp_path)
+    duke_tree(tmp_path)
     df = dukemtmc_reid(tmp_path)
     check_df(df, 6, {1, 3})
     assert sorted(df.camid) == [1, 1, 2, 2, 5, 5]

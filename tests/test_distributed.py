@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from fastai.callback.core import Callback
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
-from fastreid_rollback.model import ReIDModel, save_backbone, block_state, unwrap_model
+from fastreid_rollback.model import create_reid_model, save_backbone, block_state, unwrap_model
 from fastreid_rollback.learner import reid_learner
 from fastreid_rollback.rollback import RollbackCallback
 from fastreid_rollback.experiment import train_reid, read_checkpoint, load_checkpoint
@@ -42,7 +42,7 @@ def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('ddp')
     root = synthetic_reid(tmp/'syn', n_ids=16, n_cams=3, imgs_per_id_cam=2, n_distractors=2, n_junk=2)
     torch.manual_seed(0)
-    return root, save_backbone(ReIDModel('resnet18', n_ids=2), tmp/'resnet18.pth')
+    return root, save_backbone(create_reid_model('resnet18', n_ids=2), tmp/'resnet18.pth')
 
 # --- running ranks -----------------------------------------------------------------------------------------------
 
@@ -131,7 +131,7 @@ def test_ranks_agree_after_every_step(ranks):
 
 def test_rollbacks_exact_on_every_rank(ranks, data):
     _,(r0,r1) = ranks
-    pretrained = ReIDModel('resnet18', n_ids=2, pretrained=data[1]).pretrained_state
+    pretrained = create_reid_model('resnet18', n_ids=2, pretrained=data[1]).pretrained_state
     for r in (r0, r1): assert r['rollback_epochs'] == [1, 2]
     for run in ('full', 'resumed'):
         rb0,rb1 = r0[run]['rollbacks'],r1[run]['rollbacks']
@@ -197,7 +197,7 @@ class PredsMidFit(Callback):
 
 def test_get_preds_during_ddp_fit(data):
     "`get_preds` inside a fit under `DDPTrainer` (one gloo process here) neither unwraps the model nor leaves it wrapped after the fit"
-    from fastreid_rollback.distributed import DDPTrainer, ShardedDL
+    from fastreid_rollback.distributed import DDPTrainer
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
     try:
         learn = reid_learner(make_dls(data[0]), arch='resnet18', pretrained=data[1])

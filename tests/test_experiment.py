@@ -5,7 +5,7 @@ from torch import nn
 from torchvision.models import resnet18
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
-from fastreid_rollback.model import ReIDModel, save_backbone
+from fastreid_rollback.model import create_reid_model, save_backbone
 from fastreid_rollback.test_utils import make_pretrained, StopAfter
 from fastreid_rollback.rollback import RollbackCallback
 from fastreid_rollback.experiment import (read_checkpoint, source_backbone, rollback_cache, train_arm, train_reid, compare_rollback, arm_names, run_record,
@@ -36,7 +36,7 @@ def test_source_backbone_cached(tmp_path, monkeypatch):
     assert source_backbone(**TINY) == fn and fn.stat().st_mtime_ns == stamp    # no training the second time
     other = quiet(source_backbone, **{**TINY, 'seed': 1})
     assert other != fn and other.parent == fn.parent
-    ReIDModel('resnet18', n_ids=3, pretrained=fn)                             # loads as a backbone
+    create_reid_model('resnet18', n_ids=3, pretrained=fn)                             # loads as a backbone
     monkeypatch.delenv('FASTREID_ROLLBACK_CACHE')
     assert rollback_cache() == rollback_cache().home()/'.cache'/'fastreid_rollback'
 
@@ -126,7 +126,7 @@ def test_period_weight_change(small):
     for arm in ('control', 'rollback'):
         ch = PeriodWeightChange(1)
         runs[arm] = (quiet(train_arm, dls, arm, n_periods=2, epochs_per_period=1, arch='resnet18', pretrained=weights, cbs=[ch]), ch)
-    (c, cc), (r, rc) = runs['control'], runs['rollback']
+    (_, cc), (r, rc) = runs['control'], runs['rollback']
     assert sorted(cc.changes) == sorted(rc.changes) == [1, 2] and cc.changes[1] == rc.changes[1]   # period 1 is shared
     assert rc.changes[2]['layer4'] == pytest.approx(block_weight_change(r.learn.model)['layer4'])   # layer4 restarted from the pre-trained state
     assert rc.changes[2]['stem'] != pytest.approx(block_weight_change(r.learn.model)['stem'])       # the stem was kept
@@ -151,12 +151,12 @@ def test_converged_period():
     with pytest.raises(ValueError, match='same epochs'): converged_period([.1, .2], [1.])
 
 def test_block_weight_change(tmp_path):
-    m = ReIDModel('resnet18', n_ids=2, pretrained=save_backbone(ReIDModel('resnet18', n_ids=2), tmp_path/'b.pth'))
+    m = create_reid_model('resnet18', n_ids=2, pretrained=save_backbone(create_reid_model('resnet18', n_ids=2), tmp_path/'b.pth'))
     assert set(block_weight_change(m).values()) == {0.}
     with torch.no_grad(): m.backbone.conv1.weight.mul_(1.5)
     ch = block_weight_change(m)
     assert 0 < ch['stem'] < 0.5 and ch['layer1'] == 0
-    assert block_weight_change(ReIDModel('resnet18', n_ids=2)) == {}       # no pre-trained state
+    assert block_weight_change(create_reid_model('resnet18', n_ids=2)) == {}       # no pre-trained state
 
 def test_decision_rule():
     assert decide({'rollback': [.50, .52, .51], 'baseline': [.45, .46, .45], 'control': [.49, .50, .49]})['outcome'] == 'rolling back wins'

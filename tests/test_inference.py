@@ -1,5 +1,5 @@
 "Inference outside the training process: fastai's export, `export_reid`/`load_reid`, the gallery index, ONNX, FAISS and their errors."
-import json, os, subprocess, sys, textwrap
+import os, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 import torch.nn.functional as F
@@ -165,10 +165,10 @@ def test_errors(learn, df, model_file, tmp_path):
 
 def test_bnneck_neck_feature_round_trip(tmp_path):
     "A BNNeck model whose feature is the neck output (wrapped in DataParallel) loads with the same features"
-    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.model import create_reid_model
     from fastreid_rollback.inference import save_reid, ReIDFeatures
     torch.manual_seed(0)
-    m = ReIDModel('resnet18', n_ids=5, neck='bnneck', neck_feat=True).eval()
+    m = create_reid_model('resnet18', n_ids=5, neck='bnneck', neck_feat=True).eval()
     predictor = load_reid(save_reid(torch.nn.DataParallel(m), tmp_path/'m.reid', size=(64, 32), flip=False, normalize=False))
     assert predictor.config['head'] == {'neck': 'bnneck'} and predictor.config['feature'] == {'output': 'neck', 'flip': False, 'normalize': False}
     x = torch.randint(0, 256, (4, 3, 64, 32), dtype=torch.uint8)
@@ -189,16 +189,16 @@ def test_gallery_sources(model_file, df, tmp_path):
     with pytest.raises(ValueError, match='no image file'): ReIDIndex.build(predictor, tmp_path/'empty')
     with pytest.raises(FileNotFoundError, match='nowhere'): ReIDIndex.build(predictor, tmp_path/'nowhere')
     with pytest.raises(ValueError, match="split 'test'"): ReIDIndex.build(predictor, df, split='test')
-    with pytest.raises(ValueError, match='k=0'): by_df.search(g.path.iloc[:1], k=0)
+    with pytest.raises(ValueError, match='k must be >= 1, got 0'): by_df.search(g.path.iloc[:1], k=0)
 
 # ---------------------------------------------------------------- hardening, round 2 (issue 23)
 @pytest.fixture(scope='module')
 def untrained(df, tmp_path_factory):
     "A predictor of an untrained resnet18 (no training: quick) and its model file"
-    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.model import create_reid_model
     from fastreid_rollback.inference import save_reid
     torch.manual_seed(0)
-    fn = save_reid(ReIDModel('resnet18', n_ids=4), tmp_path_factory.mktemp('untrained')/'m.reid', size=(64, 32))
+    fn = save_reid(create_reid_model('resnet18', n_ids=4), tmp_path_factory.mktemp('untrained')/'m.reid', size=(64, 32))
     return load_reid(fn)
 
 def gallery_of(df): return df[df.split == 'gallery']
@@ -282,7 +282,7 @@ def test_image_errors_name_what_was_passed(untrained, df, tmp_path):
     with pytest.warns(UserWarning, match=r'skipping 1 unreadable image\(s\): .*gallery/0099_c1s1_000001_00.jpg'):
         index = ReIDIndex.build(untrained, gal, on_bad_image='skip')
     assert len(index) == 4 and all(Path(p).parent == gal for p in index.paths)  # links keep their names
-    with pytest.raises(ValueError, match="on_bad_image='maybe'"): ReIDIndex.build(untrained, gal, on_bad_image='maybe')
+    with pytest.raises(ValueError, match="on_bad_image must be one of 'raise', 'skip', got 'maybe'"): ReIDIndex.build(untrained, gal, on_bad_image='maybe')
 
 def test_onnx_opsets_the_exporter_cannot_write(untrained, tmp_path, monkeypatch):
     "An opset older than the exporter writes is refused before exporting; a graph of another opset is never written"
@@ -313,10 +313,10 @@ def test_written_files_get_the_umask_mode(untrained, df, tmp_path, umask):
     from types import SimpleNamespace
     from fastreid_rollback.inference import save_reid, checkpoint_to_reid
     from fastreid_rollback.experiment import save_checkpoint
-    from fastreid_rollback.model import ReIDModel
+    from fastreid_rollback.model import create_reid_model
     old = os.umask(umask)
     try:
-        m = ReIDModel('resnet18', n_ids=4)
+        m = create_reid_model('resnet18', n_ids=4)
         files = [save_reid(m, tmp_path/'m.reid', size=(64, 32)),
                  save_checkpoint(SimpleNamespace(model=m, opt=None), tmp_path/'ckpt.pth', with_opt=False, arch='resnet18', size=[64, 32])]
         files.append(checkpoint_to_reid(files[-1], tmp_path/'from_ckpt.reid'))

@@ -3,15 +3,13 @@ import math, re, warnings, pytest, torch
 from contextlib import nullcontext
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
-from torch import nn
-from fastai.learner import Learner
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.progress import CSVLogger
 from fastai.torch_core import set_seed
 from fastai.callback.core import Callback, CancelFitException
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls, ReIDDataLoaders
-from fastreid_rollback.model import ReIDModel, block_modules, save_backbone
+from fastreid_rollback.model import create_reid_model, block_modules, save_backbone
 from fastreid_rollback.metrics import reid_metrics
 from fastreid_rollback.learner import *
 
@@ -91,7 +89,7 @@ def test_evaluate_and_callback_with_postprocessing(dls):
 
 def test_eval_callback_needs_query_gallery(dls):
     learn = _learner(dls, cbs=ReIDEvalCallback())
-    q, g = dls.query, dls.gallery
+    q = dls.query
     try:
         dls.query = None
         with pytest.raises(ValueError, match='no query DataLoader'): learn.fit(1)
@@ -144,7 +142,7 @@ def test_reid_evaluate_without_eval_sets(dls, df):
 
 def test_ids_must_fit_the_head(dls, df):
     with pytest.raises(ValueError, match=f'classifies {dls.n_ids+3} identities but dls has {dls.n_ids}'):
-        reid_learner(dls, ReIDModel('resnet18', n_ids=dls.n_ids+3))
+        reid_learner(dls, create_reid_model('resnet18', n_ids=dls.n_ids+3))
     learn = _learner(dls)
     other = reid_dls(df[~df.pid.isin(df[df.split == 'train'].pid.unique()[:2])], size=(32, 16), bs=16, sampler='pk', p=4, k=2)
     learn.dls = other
@@ -154,13 +152,13 @@ def test_ids_must_fit_the_head(dls, df):
 
 def test_given_model_trained_as_given(dls):
     "A ready ReIDModel is the object the Learner trains, never switched to other outputs behind the caller's back"
-    m = ReIDModel('resnet18', n_ids=dls.n_ids, with_feats=True)
+    m = create_reid_model('resnet18', n_ids=dls.n_ids, with_feats=True)
     w = m.head.classifier.weight.detach().clone()
     learn = reid_learner(dls, m, loss='ce', cbs=[])
     learn.remove_cb(ProgressCallback)
     learn.fit(1, 0.01)
     assert learn.model is m and m.with_feats and not torch.equal(m.head.classifier.weight, w)
-    plain = ReIDModel('resnet18', n_ids=dls.n_ids)
+    plain = create_reid_model('resnet18', n_ids=dls.n_ids)
     with pytest.raises(ValueError, match=r"loss='triplet' needs the pooled features.*with_feats=True"): reid_learner(dls, plain, loss='triplet')
     assert not plain.with_feats
     assert reid_learner(dls, 'resnet18', pretrained=False, loss='ce+triplet').model.with_feats   # a model it builds returns the features
@@ -282,7 +280,7 @@ def test_validation_leaves_callbacks_and_rng(dls, tmp_path):
     import random, numpy as np
     from fastreid_rollback.rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
     torch.manual_seed(0)
-    pre = save_backbone(ReIDModel('resnet18', n_ids=2), tmp_path/'pre.pth')
+    pre = save_backbone(create_reid_model('resnet18', n_ids=2), tmp_path/'pre.pth')
     rb,gs,seed,ev = RollbackCallback(n_periods=2),BlockGradStats(),SeedEachEpoch(3),ReIDEvalCallback()
     learn = reid_learner(dls, 'resnet18', pretrained=pre, cbs=[rb, gs, seed, ev])
     learn.remove_cb(ProgressCallback)

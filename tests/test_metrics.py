@@ -1,5 +1,5 @@
 "Tests of fastreid_rollback.metrics against an independent per-query reference, and its failure cases"
-import json, math, re
+import json, math
 from functools import partial
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 "Failure cases and compatibility checks of `fastreid_rollback.model` that do not fit the notebook"
 import os, pickle, pytest, torch
-from pathlib import Path
 from torch import nn
 from torchvision.models import get_model, ResNet18_Weights
 from fastreid_rollback.backbones import *
@@ -108,9 +107,9 @@ def test_state_file_with_numpy_scalars(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="arch='vgg16'"): create_reid_model('vgg16', n_ids=3)
-    with pytest.raises(ValueError, match='n_ids=0'): create_reid_model('resnet18', n_ids=0)
-    with pytest.raises(ValueError, match='n_ids=2.5'): create_reid_model('resnet18', n_ids=2.5)
-    with pytest.raises(ValueError, match='n_ids=True'): create_reid_model('resnet18', n_ids=True)
+    with pytest.raises(ValueError, match='n_ids must be >= 1, got 0'): create_reid_model('resnet18', n_ids=0)
+    with pytest.raises(ValueError, match='n_ids must be an int, got 2.5'): create_reid_model('resnet18', n_ids=2.5)
+    with pytest.raises(ValueError, match='n_ids must be an int, got True'): create_reid_model('resnet18', n_ids=True)
     with pytest.raises(ValueError, match="neck='fancy'"): create_reid_model('resnet18', n_ids=3, neck='fancy')
     with pytest.raises(ValueError, match="no module 'layer5' for block 'layer5'"):
         create_reid_model(get_model('resnet18'), n_ids=3, blocks=['layer1', 'layer5'])
@@ -133,15 +132,13 @@ def test_every_resnet_family(arch):
     assert [len(g) for g in groups[:-1]] == [len(list(p for o in block_modules(m, n) for p in o.parameters())) for n in m.block_names]
 
 
-def test_model_from_parts_and_older_form():
-    "A ReIDModel is its parts; `ReIDModel(arch, n_ids, ...)`, the form of earlier versions, is `create_reid_model` (same weights, same random draws)"
+def test_model_from_parts():
+    "A ReIDModel is its parts, as `create_reid_model` assembles them"
     m = ReIDModel(create_backbone('resnet18'), ClassBlock(512, 9), resnet_blocks, neck_feat=True)
     assert (m.n_ids, m.feat_dim, m.block_names, m.pretrained_state, m.neck_feat) == (9, 512, list(resnet_blocks), None, True)
     with pytest.raises(ValueError, match="no module 'layer9'"): ReIDModel(create_backbone('resnet18'), ClassBlock(512, 9), ['layer9'])
-    torch.manual_seed(0); a = create_reid_model('resnet18', n_ids=7, neck='bnneck', with_feats=True); ra = torch.rand(1)
-    torch.manual_seed(0); b = ReIDModel('resnet18', n_ids=7, neck='bnneck', with_feats=True); rb = torch.rand(1)
-    assert type(b) is ReIDModel and b.with_feats and isinstance(b.head, BNNeck) and torch.equal(ra, rb)
-    assert all(torch.equal(v, b.state_dict()[k]) for k,v in a.state_dict().items())
+    a = create_reid_model('resnet18', n_ids=7, neck='bnneck', with_feats=True)
+    assert type(a) is ReIDModel and a.with_feats and isinstance(a.head, BNNeck)
     assert a.training and a.backbone.training   # finding the feature size left the body in training mode
 
 def test_torchvision_module_backbone():

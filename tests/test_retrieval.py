@@ -1,5 +1,4 @@
 "Tests of fastreid_rollback.retrieval against straightforward references of the papers' formulas (tests/reference_rerank.py)"
-import re
 import numpy as np
 import pytest
 import torch

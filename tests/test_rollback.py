@@ -9,7 +9,7 @@ from fastai.callback.schedule import combined_cos
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
-from fastreid_rollback.model import ReIDModel, block_state, block_modules, unwrap_model
+from fastreid_rollback.model import create_reid_model, block_state, block_modules, unwrap_model
 from fastreid_rollback.rollback import *
 from fastreid_rollback.test_utils import make_pretrained, tiny_dls, tiny_learner, StopAfter, StateProbe, assert_states_eq
 
@@ -335,7 +335,7 @@ def test_block_grad_stats_relative(pre_fn, tmp_path):
 def test_pretrained_state_given(pre_fn, tmp_path):
     "A state dict or a file (block states or backbone state dict) overrides the model's pre-trained state"
     other = make_pretrained(tmp_path/'other.pth', seed=1)
-    m1 = ReIDModel('resnet18', n_ids=4, pretrained=other)
+    m1 = create_reid_model('resnet18', n_ids=4, pretrained=other)
     torch.save(m1.pretrained_state, tmp_path/'blocks.pth')
     learn = tiny_learner(pre_fn, tmp_path)
     cb,pre,post = probe_fit(learn, 2, n_periods=2, pretrained_state=other)

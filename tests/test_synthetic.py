@@ -1,6 +1,5 @@
 "Tests of `synthetic_reid`: layout, determinism, disjoint domains, errors."
-import hashlib, json, os, random, re
-from pathlib import Path
+import json, os, random, re
 import numpy as np, pytest
 from PIL import Image
 from fastreid_rollback.synthetic import synthetic_reid
