@@ -142,8 +142,11 @@ def test_ctrl_c_exits_130_then_resumes(tmp_path, backbone_file):
     data = synthetic_reid(tmp_path/'syn', n_ids=12, n_cams=2, imgs_per_id_cam=2, n_distractors=2, n_junk=1)
     args = train_args(data, tmp_path/'run', backbone_file)
     args[args.index('--epochs-per-period')+1] = 6                  # 2 periods of 6 epochs: the signal comes with 5 epochs to go, time to land under load
+    # a shell without job control starts background commands with SIGINT ignored, and children inherit that:
+    # give the run the default disposition, as a terminal's Ctrl-C finds it
     p = subprocess.Popen([sys.executable, '-W', 'ignore', '-m', 'fastreid_rollback.cli', *map(str, args)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpts, t0 = tmp_path/'run'/'checkpoints', time.time()
     while not ((ckpts/'period1.pth').exists() and (ckpts/'last.pth').stat().st_mtime > (ckpts/'period1.pth').stat().st_mtime):
         assert p.poll() is None and time.time() - t0 < 600, 'the run ended before it could be interrupted'
