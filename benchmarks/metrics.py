@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, _bins, _where_true, _max_bins
+from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, torch_threads, _bins, _where_true, _max_bins
 from fastreid_rollback.test_utils import ref_metrics, agrees_with_reference, same_result
 
 RESULTS = Path(__file__).parent/'results'/'metrics.json'
@@ -79,14 +79,6 @@ def median_time(f, n, device=torch.device('cpu')):
     for _ in range(n):
         sync(); t = time.perf_counter(); r = f(); sync(); ts.append(time.perf_counter() - t)
     return float(np.median(ts)), r
-
-@contextlib.contextmanager
-def torch_threads(n):
-    "torch's intra-op threads set to `n` (None: unchanged) for the duration"
-    old = torch.get_num_threads()
-    if n: torch.set_num_threads(n)
-    try: yield
-    finally: torch.set_num_threads(old)
 
 def sampled_queries(nq, n, seed=0):
     "`n` sorted random query indices (all of them when `n` >= `nq`)"

@@ -5,7 +5,6 @@
 # %% ../nbs/09_inference.ipynb #9c368bcc
 from __future__ import annotations
 import copy, hashlib, json, os, re, warnings
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -29,7 +28,7 @@ from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNec
 from .backbones import create_backbone, resnet_archs
 from .data import reid_item_tfms, reid_batch_tfms, find_bad_images
 from .checks import check_int, check_option, check_id_column
-from .metrics import reid_dist, reid_dist_names
+from .metrics import reid_dist, reid_dist_names, torch_threads
 from .learner import show_framed_image
 from .experiment import read_checkpoint
 
@@ -208,15 +207,6 @@ def _check_threads(threads):
         raise ValueError(f"threads={threads!r}: expected None (torch's setting) or an int >= 1")
     return threads
 
-@contextmanager
-def _num_threads(n:int=None):
-    "Run the block with `n` CPU threads (None: torch's setting), then give torch back its setting"
-    old = torch.get_num_threads()
-    if n: torch.set_num_threads(n)
-    try: yield
-    finally:
-        if n: torch.set_num_threads(old)
-
 def _autocast_dtype(device:torch.device, fp16:bool):
     "The dtype `ReIDPredictor` autocasts to on `device` (None: float32), or a `ValueError` when `fp16` cannot be used there"
     if fp16 and device.type != 'cuda': raise ValueError(f"fp16=True: half precision runs on a CUDA device, not on {device}")
@@ -249,7 +239,7 @@ class ReIDPredictor:
     def batch(self, x:Tensor, # uint8 images (batch, 3, height, width) at `self.size`
              ) -> Tensor: # features (batch, dim), on the CPU
         "Features of a batch of resized uint8 images"
-        with _num_threads(self.threads), torch.inference_mode(), torch.autocast(self.device.type, self.autocast, self.autocast is not None):
+        with torch_threads(self.threads), torch.inference_mode(), torch.autocast(self.device.type, self.autocast, self.autocast is not None):
             return self.net(x.to(self.device, non_blocking=True)).float().cpu()
 
     def __call__(self, images, # image file(s), PIL image(s), uint8 array(s)/tensor(s), or a reader DataFrame

@@ -5,6 +5,7 @@
 # %% ../nbs/00_metrics.ipynb #d8a834b8
 from __future__ import annotations
 import math
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from .checks import check_option, check_int, check_ids, check_matrix, check_fini
 
 # %% auto #0
 __all__ = ['reid_dist_names', 'reid_metric_names', 'protocol_mask', 'dist_feats', 'sims_to_dists', 'reid_dist', 'take_1d',
-           'ReIDResult', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
+           'ReIDResult', 'torch_threads', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
 
 # %% ../nbs/00_metrics.ipynb #e88bf89a
 reid_dist_names = ('cosine', 'euclidean')  # the distances `reid_dist` computes (its `dist` argument)
@@ -346,6 +347,15 @@ class ReIDResult:
         return (f"ReIDResult({ms}, n_valid={self.n_valid}, n_skipped={self.n_skipped}, "
                 f"protocol={self.protocol!r}, ap={self.ap!r})")
 
+# %% ../nbs/00_metrics.ipynb #a46a1c7a
+@contextmanager
+def torch_threads(n:int=None): # torch's intra-op CPU threads inside the block (None: left as they are)
+    "Run the block with `n` torch CPU threads, then give torch back its own setting"
+    old = torch.get_num_threads()
+    if n: torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(old)
+
 # %% ../nbs/00_metrics.ipynb #137f14b7
 def _chunk_rows(chunk_size, ng, align, device):
     "Query rows per chunk: `chunk_size`, else about 1M distances (cache-sized) on CPU, 32M on GPU; at most `_max_rows`"
@@ -357,11 +367,7 @@ def _map_chunks(f, starts, device):
     "`[f(a) for a in starts]`; on CPU one chunk per torch thread at a time, each chunk single-threaded"
     n = min(torch.get_num_threads(), len(starts)) if device.type == 'cpu' else 1
     if n <= 1: return [f(a) for a in starts]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                                    # small ops on shared cores: threads would wait for each other
-    try:
-        with ThreadPoolExecutor(n) as ex: return list(ex.map(f, starts))
-    finally: torch.set_num_threads(threads)
+    with torch_threads(1), ThreadPoolExecutor(n) as ex: return list(ex.map(f, starts))   # small ops on shared cores: threads would wait for each other
 
 def _all_skipped(nq):
     return ValueError(f"no query has a true match in the gallery (all {nq} queries skipped): check that q_pids and "
