@@ -66,7 +66,7 @@ CONFIG = dict(
     sources=dict(
         synthetic=dict(arch='resnet18', size=[64, 32], settings=['shift', 'no_shift'],
                        source=dict(n_ids=800, n_cams=16, imgs_per_id_cam=1, epochs=6, lr=0.05, bs=32, seed=0)),
-        imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[128, 64], settings=['shift'])),
+        imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[128, 64], settings=['shift'], probe_epochs=80)),   # its mAP still rises at epoch 32
 )
 SMALL = dict(
     bs=16, lr=0.01, n_periods=2, seeds=[0, 1, 2],
@@ -174,6 +174,10 @@ def epoch_time(root, cfg, src, pretrained):
         learn.fit(1, cfg['lr']); t0 = time.perf_counter(); learn.fit(1, cfg['lr'])
     return time.perf_counter() - t0
 
+def probe_len(cfg, name):
+    "Epochs of the period probe of source `name`: its own `probe_epochs`, else the config's"
+    return cfg['sources'][name].get('probe_epochs', cfg['probe_epochs'])
+
 def cost(P, cfg, timing, sources, probe=True):
     "Worker-seconds of the probes (`probe_epochs` epochs, each evaluated; unless `probe=False`) and the study of `sources` at period P"
     S, n = len(cfg['seeds']), cfg['n_periods']
@@ -181,7 +185,7 @@ def cost(P, cfg, timing, sources, probe=True):
     for name in sources:
         tr, ev = timing[name]['epoch_s'], timing[name]['eval_s']
         k = len(cfg['sources'][name]['settings'])
-        total += k*cfg['probe_epochs']*(tr + ev) if probe else 0.   # probes
+        total += k*probe_len(cfg, name)*(tr + ev) if probe else 0.   # probes
         total += k*S*((3*n - 1)*P*tr + (3*n - 1)*ev)            # baseline n P, period1 P, control and rollback (n-1) P each
         total += S*(n*P*tr + n*ev)                              # scratch
     return total
@@ -189,7 +193,7 @@ def cost(P, cfg, timing, sources, probe=True):
 def budget_period(cfg, timing, sources, seconds_left, workers):
     "The largest period the budget allows (at least `min_period`, at most half the probe), and the estimated wall time at it"
     W, P = 0.9*seconds_left*workers, cfg['min_period']   # 10% for the tail of the pool
-    while P < cfg['probe_epochs']//2 and cost(P+1, cfg, timing, sources) <= W: P += 1
+    while P < max(probe_len(cfg, n) for n in sources)//2 and cost(P+1, cfg, timing, sources) <= W: P += 1
     return P, cost(P, cfg, timing, sources)/(0.9*workers)
 
 def blocks_of(rec):
@@ -356,6 +360,9 @@ def parse_args(argv=None):
     p.add_argument('--budget', type=float, default=None, help='minutes for the whole study; sets the longest period (default: 75, with --small 3)')
     p.add_argument('--mobilenet-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
                    help='input size of the imagenet_mobilenet_v2 source (default: 128 64; at 96 48 its ImageNet features barely beat a random init)')
+    p.add_argument('--probe-epochs', type=int, default=None, metavar='N',
+                   help='epochs of the period probe, which can find any period up to N/2 (default: 32 for synthetic, 80 for imagenet_mobilenet_v2)')
+    p.add_argument('--probe-only', action='store_true', help="stop after the period probe: write its curves, the rule's period and the time a converged study needs to --out")
     p.add_argument('--data', default=None, help='folder for the target datasets and checkpoints (default: a temporary folder)')
     p.add_argument('--out', default=None, help='the JSON file (default: benchmarks/results/rollback_evidence.json; with --small a temporary file)')
     p.add_argument('--images', default=None, help='folder of the plots (default: nbs/images; with --small next to --out)')
@@ -376,6 +383,8 @@ def main(argv=None):
     times, t_all = {}, time.perf_counter()
     def tick(name, t0): times[name] = round(time.perf_counter()-t0, 1); print(f'{name}: {times[name]} s', flush=True)
     srcs = {n: dict(cfg['sources'][n]) for n in names}
+    if a.probe_epochs: srcs = {n: {**s, 'probe_epochs': a.probe_epochs} for n, s in srcs.items()}
+    cfg = {**cfg, 'sources': {**cfg['sources'], **srcs}}
     if a.mobilenet_size and 'imagenet_mobilenet_v2' in srcs: srcs['imagenet_mobilenet_v2']['size'] = list(a.mobilenet_size)
 
     t0 = time.perf_counter()
@@ -415,22 +424,27 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     base = lambda n, st: dict(source=n, setting=st, cfg=cfg, src=srcs[n], root=roots[n][st], pretrained=pretrained[n], work=data/'runs'/n/st)
-    probes = run_all([{**base(n, st), 'kind': 'probe', 'seed': cfg['seeds'][0], 'period': cfg['probe_epochs']} for n in names for st in srcs[n]['settings']], a.workers)
+    probes = run_all([{**base(n, st), 'kind': 'probe', 'seed': cfg['seeds'][0], 'period': probe_len(cfg, n)} for n in names for st in srcs[n]['settings']], a.workers)
     curve = lambda r: {'val_mAP': [r['evals'][e]['mAP'] for e in sorted(r['evals'])], 'train_loss': r['epoch_loss']}
     curves, periods = {n: {st: curve(probes[(n, 'probe', st, cfg['seeds'][0])]) for st in srcs[n]['settings']} for n in names}, {}
     for n in names:
         got = {st: converged_period(c['val_mAP'], c['train_loss'], cfg['mAP_tol'], cfg['loss_tol'], cfg['min_period']) for st, c in curves[n].items()}
         rule = max(got.values()) if all(v is not None for v in got.values()) else None
         ok = rule is not None and rule <= max_period
-        need = cost(rule or cfg['probe_epochs']//2, cfg, timing, [n], probe=False)/(0.9*a.workers)
+        need = cost(rule or probe_len(cfg, n)//2, cfg, timing, [n], probe=False)/(0.9*a.workers)
         periods[n] = {'epochs': rule if ok else max_period, 'converged': ok, 'rule_P': rule, 'rule_by_setting': got, 'max_period': max_period,
-                      'minutes_a_converged_study_needs': round(need/60, 1) if rule else f'more than {need/60:.0f}: no P up to {cfg["probe_epochs"]//2} converged',
+                      'minutes_a_converged_study_needs': round(need/60, 1) if rule else f'more than {need/60:.0f}: no P up to {probe_len(cfg, n)//2} converged',
                       'max_period_from': f'the budget of {budget_s/60:.0f} min', 'curve': {st: {**c, 'curve_of': 'the probe: seed 0, the baseline at its first (constant) LR, test mAP after each epoch'} for st, c in curves[n].items()},
                       'rule': f"first P with |mAP(2P) - mAP(P)| <= {cfg['mAP_tol']} and the mean training loss of the last quarter of the P epochs "
                               f"differing from that of the quarter before by less than {cfg['loss_tol']:.0%} of the first epoch's loss (converged_period); "
                               "the largest over the settings; the budget's max_period when a setting does not converge within it"}
         print(f"{n}: period rule {got} -> {periods[n]['epochs']} epochs per period" + ('' if ok else f" (NOT converged: the budget's cap; minutes a converged study of this source needs: {periods[n]['minutes_a_converged_study_needs']})"), flush=True)
     tick('probe', t0)
+    if a.probe_only:   # the period rule's answer and what a converged study would cost, without the study
+        write_json({'probe_only': True, 'sources': {n: {'arch': srcs[n]['arch'], 'size': srcs[n]['size'], 'period_len': periods[n], 'timing': timing[n],
+                                                        'zero_shot_by_shift': {str(k): v for k, v in zs_all[n].items()}} for n in names},
+                    'config': {**cfg, 'workers': a.workers, 'budget_min': budget_s/60}, 'timings_s': times}, out)
+        print('wrote', out); return
     print(f"estimated time of the study from here: {sum(cost(periods[n]['epochs'], cfg, timing, [n], probe=False) for n in names)/(0.9*a.workers)/60:.1f} min", flush=True)
 
     t0 = time.perf_counter()

@@ -49,11 +49,15 @@ def test_budget_period(ev):
     assert ev.budget_period(CFG, timing, ['a', 'b'], 1, 2)[0] == CFG['min_period']
     assert ev.budget_period({**CFG, 'probe_epochs': 10}, timing, ['a'], 10**6, 2)[0] == 5      # no longer than the probe can judge
     assert ev.cost(4, CFG, timing, ['a']) - ev.cost(4, CFG, timing, ['a'], probe=False) == pytest.approx(CFG['probe_epochs']*2.)
+    own = {**CFG, 'probe_epochs': 10, 'sources': {**CFG['sources'], 'b': {**CFG['sources']['b'], 'probe_epochs': 40}}}   # a source's own probe length
+    assert ev.probe_len(own, 'a') == 10 and ev.probe_len(own, 'b') == 40
+    assert ev.cost(4, own, timing, ['b']) - ev.cost(4, own, timing, ['b'], probe=False) == pytest.approx(2*40*3.)   # two settings, 40 epochs, 2+1 s each
+    assert ev.budget_period(own, timing, ['a', 'b'], 10**6, 2)[0] == 20   # the longest probe bounds the period
 
 def test_help_documents_the_sources(ev, capsys):
     with pytest.raises(SystemExit): ev.parse_args(['--help'])
     out = capsys.readouterr().out
-    assert all(s in out for s in ('--source', 'synthetic', 'imagenet_mobilenet_v2', 'both', '--budget', '--small'))
+    assert all(s in out for s in ('--source', 'synthetic', 'imagenet_mobilenet_v2', 'both', '--budget', '--small', '--probe-epochs', '--probe-only'))
 
 def test_merge_previous(ev, tmp_path):
     "One source at a time: a later run adds its source and keeps the other; the synthetic source stays at the top level"
