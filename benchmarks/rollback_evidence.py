@@ -196,6 +196,26 @@ def budget_period(cfg, timing, sources, seconds_left, workers):
     while P < max(probe_len(cfg, n) for n in sources)//2 and cost(P+1, cfg, timing, sources) <= W: P += 1
     return P, cost(P, cfg, timing, sources)/(0.9*workers)
 
+def reuse_probes(fn, cfg, srcs, zero_shots) -> dict:
+    """The probe curves, per source, of a `--probe-only` run's JSON `fn` whose configuration is this run's: same batch size,
+    LR, target, first seed, architecture, input size and probe length, and the same zero-shot mAPs (so the same shift and
+    the same pre-trained weights). Probes are seeded and single-threaded: rerunning one gives the same curves"""
+    prev = json.loads(Path(fn).read_text())
+    for k in ('bs', 'lr', 'target'):
+        if prev['config'][k] != cfg[k]: raise ValueError(f'--probe-from {fn}: its {k} {prev["config"][k]!r} differs from this run\'s {cfg[k]!r}')
+    out = {}
+    for n, s in srcs.items():
+        p = prev['sources'].get(n)
+        if p is None: continue
+        got = {k: v['mAP'] for k, v in p['zero_shot_by_shift'].items()}
+        want = {str(k): v['mAP'] for k, v in zero_shots[n].items()}
+        c = p['period_len']['curve']
+        if (p['arch'], p['size'], len(next(iter(c.values()))['val_mAP'])) != (s['arch'], s['size'], probe_len(cfg, n)) or \
+           got.keys() != want.keys() or any(abs(got[k] - want[k]) > 1e-6 for k in got) or prev['config']['seeds'][0] != cfg['seeds'][0]:
+            raise ValueError(f'--probe-from {fn}: its {n} probe is not this run\'s (architecture, size, probe length, first seed or zero-shot mAPs differ)')
+        out[n] = {st: {k: v[k] for k in ('val_mAP', 'train_loss')} for st, v in c.items()}
+    return out
+
 def blocks_of(rec):
     "Block names of a run record, low to high (the head excluded): read from the model, never assumed"
     return [b for b in rec['block_grads'] if b != 'head']
@@ -363,6 +383,8 @@ def parse_args(argv=None):
     p.add_argument('--probe-epochs', type=int, default=None, metavar='N',
                    help='epochs of the period probe, which can find any period up to N/2 (default: 32 for synthetic, 80 for imagenet_mobilenet_v2)')
     p.add_argument('--probe-only', action='store_true', help="stop after the period probe: write its curves, the rule's period and the time a converged study needs to --out")
+    p.add_argument('--probe-from', default=None, metavar='JSON',
+                   help="take the probe curves of a --probe-only run's JSON instead of probing again (checked: same configuration and zero-shot mAPs)")
     p.add_argument('--data', default=None, help='folder for the target datasets and checkpoints (default: a temporary folder)')
     p.add_argument('--out', default=None, help='the JSON file (default: benchmarks/results/rollback_evidence.json; with --small a temporary file)')
     p.add_argument('--images', default=None, help='folder of the plots (default: nbs/images; with --small next to --out)')
@@ -424,9 +446,12 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     base = lambda n, st: dict(source=n, setting=st, cfg=cfg, src=srcs[n], root=roots[n][st], pretrained=pretrained[n], work=data/'runs'/n/st)
-    probes = run_all([{**base(n, st), 'kind': 'probe', 'seed': cfg['seeds'][0], 'period': probe_len(cfg, n)} for n in names for st in srcs[n]['settings']], a.workers)
+    reused = reuse_probes(a.probe_from, cfg, srcs, zs_all) if a.probe_from else {}
+    todo = [n for n in names if n not in reused]
+    probes = run_all([{**base(n, st), 'kind': 'probe', 'seed': cfg['seeds'][0], 'period': probe_len(cfg, n)} for n in todo for st in srcs[n]['settings']], a.workers)
     curve = lambda r: {'val_mAP': [r['evals'][e]['mAP'] for e in sorted(r['evals'])], 'train_loss': r['epoch_loss']}
-    curves, periods = {n: {st: curve(probes[(n, 'probe', st, cfg['seeds'][0])]) for st in srcs[n]['settings']} for n in names}, {}
+    curves, periods = {**reused, **{n: {st: curve(probes[(n, 'probe', st, cfg['seeds'][0])]) for st in srcs[n]['settings']} for n in todo}}, {}
+    of = lambda n: 'the probe: seed 0, the baseline at its first (constant) LR, test mAP after each epoch' + (f'; from the --probe-only run {Path(a.probe_from).name}' if n in reused else '')
     for n in names:
         got = {st: converged_period(c['val_mAP'], c['train_loss'], cfg['mAP_tol'], cfg['loss_tol'], cfg['min_period']) for st, c in curves[n].items()}
         rule = max(got.values()) if all(v is not None for v in got.values()) else None
@@ -434,14 +459,15 @@ def main(argv=None):
         need = cost(rule or probe_len(cfg, n)//2, cfg, timing, [n], probe=False)/(0.9*a.workers)
         periods[n] = {'epochs': rule if ok else max_period, 'converged': ok, 'rule_P': rule, 'rule_by_setting': got, 'max_period': max_period,
                       'minutes_a_converged_study_needs': round(need/60, 1) if rule else f'more than {need/60:.0f}: no P up to {probe_len(cfg, n)//2} converged',
-                      'max_period_from': f'the budget of {budget_s/60:.0f} min', 'curve': {st: {**c, 'curve_of': 'the probe: seed 0, the baseline at its first (constant) LR, test mAP after each epoch'} for st, c in curves[n].items()},
+                      'max_period_from': f'the budget of {budget_s/60:.0f} min', 'curve': {st: {**c, 'curve_of': of(n)} for st, c in curves[n].items()},
                       'rule': f"first P with |mAP(2P) - mAP(P)| <= {cfg['mAP_tol']} and the mean training loss of the last quarter of the P epochs "
                               f"differing from that of the quarter before by less than {cfg['loss_tol']:.0%} of the first epoch's loss (converged_period); "
                               "the largest over the settings; the budget's max_period when a setting does not converge within it"}
         print(f"{n}: period rule {got} -> {periods[n]['epochs']} epochs per period" + ('' if ok else f" (NOT converged: the budget's cap; minutes a converged study of this source needs: {periods[n]['minutes_a_converged_study_needs']})"), flush=True)
     tick('probe', t0)
     if a.probe_only:   # the period rule's answer and what a converged study would cost, without the study
-        write_json({'probe_only': True, 'sources': {n: {'arch': srcs[n]['arch'], 'size': srcs[n]['size'], 'period_len': periods[n], 'timing': timing[n],
+        write_json({'probe_only': True, 'sources': {n: {'arch': srcs[n]['arch'], 'size': srcs[n]['size'], 'period_len': periods[n], 'timing': timing[n], 'shift': shifts[n]['shift'],
+                                                        'probe_cpu_s': sum(r['cpu_s'] for k, r in probes.items() if k[0] == n),
                                                         'zero_shot_by_shift': {str(k): v for k, v in zs_all[n].items()}} for n in names},
                     'config': {**cfg, 'workers': a.workers, 'budget_min': budget_s/60}, 'timings_s': times}, out)
         print('wrote', out); return
@@ -477,7 +503,8 @@ def main(argv=None):
             'decision_rule': decision_rule, 'outcome': {st: settings[st]['decision']['outcome'] for st in settings}, 'settings': settings,
             'probe': curves[n], 'timing': timing[n],
             'runs': {f'{st}/{kind}/seed{s}': r for (kind, st, s), r in sorted(rec.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2]))},
-            'cpu_s_of_the_runs': {'probe': sum(r['cpu_s'] for k, r in probes.items() if k[0] == n), 'study': sum(r['cpu_s'] for r in rec.values())},
+            'cpu_s_of_the_runs': {'probe': sum(r['cpu_s'] for k, r in probes.items() if k[0] == n) if n in todo else f'see {Path(a.probe_from).name}',
+                                  'study': sum(r['cpu_s'] for r in rec.values())},
         }
     if 'synthetic' in docs:
         build = json.loads(pretrained['synthetic'].with_suffix('.json').read_text())

@@ -70,3 +70,19 @@ def test_merge_previous(ev, tmp_path):
     assert doc['zero_shot_mAP'] == .3 and doc['runs'] == syn['runs'] and doc['config'] == 2
     assert sorted(doc['sources']) == ['imagenet_mobilenet_v2', 'synthetic'] and doc['sources']['imagenet_mobilenet_v2'] == mob
     assert ev.merge_previous({'imagenet_mobilenet_v2': mob}, {'config': 3}, tmp_path/'none.json') == {'config': 3, 'sources': {'imagenet_mobilenet_v2': mob}}
+
+def test_reuse_probes(ev, tmp_path):
+    "A --probe-only run's curves are reused only when the run is the same: configuration, architecture, size, probe length, zero-shot mAPs"
+    cfg = {'bs': 32, 'lr': .01, 'target': {'n_ids': 9}, 'seeds': [0, 1, 2], 'probe_epochs': 4, 'sources': {'a': {'settings': ['shift']}}}
+    srcs = {'a': {'arch': 'resnet18', 'size': [64, 32], 'settings': ['shift']}}
+    zs = {'a': {0.: {'mAP': .3}, 1.0: {'mAP': .2}}}
+    curve = {'shift': {'val_mAP': [.1, .2, .3, .3], 'train_loss': [2., 1., .5, .4], 'curve_of': 'the probe'}}
+    prev = {'probe_only': True, 'config': {**cfg}, 'sources': {'a': {'arch': 'resnet18', 'size': [64, 32], 'period_len': {'curve': curve},
+                                                                     'zero_shot_by_shift': {'0.0': {'mAP': .3}, '1.0': {'mAP': .2}}}}}
+    fn = tmp_path/'probe.json'; fn.write_text(json.dumps(prev))
+    assert ev.reuse_probes(fn, cfg, srcs, zs) == {'a': {'shift': {'val_mAP': [.1, .2, .3, .3], 'train_loss': [2., 1., .5, .4]}}}
+    assert ev.reuse_probes(fn, cfg, {'b': srcs['a']}, {'b': zs['a']}) == {}                    # a source it did not probe: probed again
+    with pytest.raises(ValueError, match='lr'): ev.reuse_probes(fn, {**cfg, 'lr': .02}, srcs, zs)
+    with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, cfg, {'a': {**srcs['a'], 'size': [128, 64]}}, zs)
+    with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, cfg, srcs, {'a': {0.: {'mAP': .31}, 1.0: {'mAP': .2}}})
+    with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, {**cfg, 'probe_epochs': 6}, srcs, zs)
