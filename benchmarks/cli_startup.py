@@ -46,8 +46,8 @@ def main():
                load_average_after=round(os.getloadavg()[0], 2), exit_status=codes,
                median_s={n: round(v, 3) for n,v in s.items()}, median_max_rss_mb={n: round(statistics.median(v), 1) for n,v in mem.items()},
                target_help_s=round(target, 3), help_within_target=s['help'] <= target, help_over_python_pass=round(s['help']/s['python_pass'], 2))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(doc, indent=2) + '\n')
+    from fastreid_rollback.model import atomic_write   # after the runs: torch in this process's page cache could not speed them up
+    atomic_write(a.out, lambda f: f.write((json.dumps(doc, indent=2) + '\n').encode()))
     print(f"{'case':16} {'median s':>9} {'max RSS MB':>11}")
     for n in cases: print(f"{n:16} {s[n]:9.3f} {doc['median_max_rss_mb'][n]:11.1f}")
     print(f"target for --help: {target:.3f} s ({'met' if doc['help_within_target'] else 'missed'}); load average {load:.2f} before, "

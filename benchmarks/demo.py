@@ -27,11 +27,11 @@ def main():
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20   # kB on Linux
     doc = json.loads((tmp/'demo_out'/'results.json').read_text())
     import torch
+    from fastreid_rollback.model import atomic_write
     doc.update(wall_s=round(wall, 1), peak_rss_gb=round(peak_gb, 2), cold_cache=True, stdout=proc.stdout,
                machine={'cpus': os.cpu_count(), 'torch_threads': torch.get_num_threads(), 'torch': torch.__version__})
     out = tmp/'demo.json' if a.quick else ROOT/'benchmarks'/'results'/'demo.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    atomic_write(out, lambda f: f.write(json.dumps(doc, indent=1).encode()))
     if not a.quick:
         for f in PLOTS: shutil.copy(tmp/'demo_out'/f, ROOT/'nbs'/'images'/f)
     print(proc.stdout)

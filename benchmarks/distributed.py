@@ -17,7 +17,7 @@ import torch, torch.distributed as dist, torch.multiprocessing as mp
 from fastai.callback.core import Callback
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
-from fastreid_rollback.model import create_reid_model, save_backbone
+from fastreid_rollback.model import create_reid_model, save_backbone, atomic_write
 from fastreid_rollback.experiment import train_reid
 
 class EpochTimes(Callback):
@@ -87,8 +87,7 @@ if __name__ == '__main__':
                processes=dict(images_per_s=med('processes'), n=a.procs, threads_each=max(a.cores//a.procs, 1), bs_each=a.bs//a.procs),
                speedup=statistics.median(r['speedup'] for r in rounds), rounds=rounds)
     out = Path(__file__).parent/'results'/'distributed.json'
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
+    atomic_write(out, lambda f: f.write(json.dumps(doc, indent=2).encode()))
     print(f"\n| processes | threads each | batch each | images/s (median of {a.rounds}) |\n| --- | --- | --- | --- |")
     print(f"| 1 | {a.cores} | {a.bs} | {doc['one_process']['images_per_s']:.1f} |")
     print(f"| {a.procs} | {doc['processes']['threads_each']} | {doc['processes']['bs_each']} | {doc['processes']['images_per_s']:.1f} |")

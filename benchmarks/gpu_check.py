@@ -34,7 +34,7 @@ from fastai.data.core import DataLoaders
 from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist
 from fastreid_rollback.synthetic import synthetic_reid
 from fastreid_rollback.data import market1501, reid_dls
-from fastreid_rollback.model import block_state, snapshot_blocks, reid_splitter
+from fastreid_rollback.model import block_state, snapshot_blocks, reid_splitter, atomic_write
 from fastreid_rollback.learner import reid_learner
 from fastreid_rollback.inference import save_reid, load_reid
 from fastreid_rollback.retrieval import reid_rerank, aqe
@@ -49,7 +49,7 @@ def _load_bench_metrics():
     spec.loader.exec_module(mod)
     return mod
 
-bm = _load_bench_metrics()   # problem makers and timing helper, shared with the metrics benchmark
+bm = _load_bench_metrics()   # problem makers and timing helpers, shared with the metrics benchmark
 SECTIONS = ('metric_agreement', 'metric_timings', 'rerank_aqe', 'rollback_fit', 'training_throughput', 'feature_extraction')
 NOT_ON_CPU = 'not run on CPU'
 
@@ -67,21 +67,13 @@ def sizes(quick):
 
 def slug(s): return re.sub(r'\W+', '_', s).strip('_')
 
-# ---------------------------------------------------------------- device helpers
-def sync(device):
-    if device.type == 'cuda': torch.cuda.synchronize(device)
-
+# ---------------------------------------------------------------- device helpers (timing: `bm.timed`, `bm.median_time`)
 def reset_peak(device):
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
 
 def peak_gb(device):
     "Peak memory allocated on `device` since the last `reset_peak`, in GB (None on the CPU)"
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == 'cuda' else None
-
-def timed(f, device):
-    "`f()` and its seconds, the device synchronised around it"
-    sync(device); t = time.perf_counter(); r = f(); sync(device)
-    return r, time.perf_counter() - t
 
 # ---------------------------------------------------------------- 1. the CUDA agreement test
 def metric_agreement(ctx):
@@ -180,7 +172,7 @@ def reid_data(ctx):
 class _Stamp(Callback):
     "Notes the time each training phase starts, before `RollbackCallback` (order 5) rolls back"
     order = 4
-    def before_train(self): sync(self.dls.device); self.learn.train_stamp = time.perf_counter()
+    def before_train(self): bm.sync(self.dls.device); self.learn.train_stamp = time.perf_counter()
 
 class FitProbe(Callback):
     "Times each training phase (synchronised) and checks the blocks' state around the first period boundary"
@@ -192,12 +184,12 @@ class FitProbe(Callback):
                                                  for n in self.rolled for k in self.pre[n])
     def _equal(self, names, ref): return all(torch.equal(v, ref[n][k]) for n in names for k,v in block_state(self.model, n).items())
     def after_train(self):
-        sync(self.dls.device); self.epoch_s.append(time.perf_counter() - self.t0)
+        bm.sync(self.dls.device); self.epoch_s.append(time.perf_counter() - self.t0)
         if self.epoch == self.boundary - 1:
             self.trained = snapshot_blocks(self.model)
             self.checks['rolled_back_blocks_changed_in_period_1'] = not self._equal(self.rolled, self.pre)
     def before_train(self):
-        sync(self.dls.device)
+        bm.sync(self.dls.device)
         if self.epoch == self.boundary:
             self.rollback_s = time.perf_counter() - self.learn.train_stamp
             self.checks['rolled_back_blocks_equal_pretrained'] = self._equal(self.rolled, self.pre)
@@ -292,9 +284,9 @@ def throughput_pair(ctx, fp16):
     times = {k: [] for k in arms}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        for f in arms.values(): timed(f, dev)                                      # warm-up: kernels, cudnn, allocator
+        for f in arms.values(): bm.timed(f, dev)                                   # warm-up: kernels, cudnn, allocator
         for r in range(s['rounds']):
-            for k in (list(arms) if r % 2 == 0 else list(arms)[::-1]): times[k].append(timed(arms[k], dev)[1])
+            for k in (list(arms) if r % 2 == 0 else list(arms)[::-1]): times[k].append(bm.timed(arms[k], dev)[1])
     med = {k: float(np.median(v)) for k, v in times.items()}
     imgs = sum(len(b[0]) for b in batches)
     out = {k: dict(epoch_s=round(v, 4), images_per_s=round(imgs / v, 1), vs_plain=round(med['plain_pytorch'] / v, 3))
@@ -317,8 +309,8 @@ def feature_extraction(ctx):
     learn = reid_learner(dls, s['arch'], pretrained=False)
     learn.model.to(dev)
     learn.reid_features(dls.gallery)                                                     # warm-up
-    (f, _, _), t = timed(lambda: learn.reid_features(dls.gallery), dev)
-    (_, _, _), t_plain = timed(lambda: learn.reid_features(dls.gallery, fast=False), dev)
+    (f, _, _), t = bm.timed(lambda: learn.reid_features(dls.gallery), dev)
+    (_, _, _), t_plain = bm.timed(lambda: learn.reid_features(dls.gallery, fast=False), dev)
     out = dict(arch=s['arch'], image_size=list(s['img_size']), gallery_images=len(f), feature_dim=f.shape[1],
                reid_features_flip=dict(images_per_s=round(len(f) / t, 1), seconds=round(t, 3)),
                reid_features_flip_plain=dict(images_per_s=round(len(f) / t_plain, 1), seconds=round(t_plain, 3)))
@@ -371,9 +363,7 @@ def environment(device, quick):
 
 def write_json(out, fn):
     "Write `out` to `fn` atomically"
-    tmp = fn.with_name(f'.{fn.name}.tmp')
-    tmp.write_text(json.dumps(out, indent=1, default=str))
-    os.replace(tmp, fn)
+    atomic_write(fn, lambda f: f.write(json.dumps(out, indent=1, default=str).encode()))
 
 def run_section(name, ctx):
     "Run section `name`: its figures with a status, or the error it raised"

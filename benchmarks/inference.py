@@ -109,7 +109,7 @@ def main():
                onnxruntime=__import__('onnxruntime').__version__, cpu=cpu_name(), cpus=os.cpu_count(), load_average_start=load_average())
     with tempfile.TemporaryDirectory() as d: res['archs'] = {arch:bench_arch(arch, Path(d), a) for arch in a.archs}
     res['load_average_end'] = load_average()
-    atomic_write(a.out, lambda f: Path(f.name).write_text(json.dumps(res, indent=2) + '\n'))
+    atomic_write(a.out, lambda f: f.write((json.dumps(res, indent=2) + '\n').encode()))
     print(f"{a.size[0]}x{a.size[1]}, batches of {a.bs}, {a.threads} thread(s), flip-averaged features (two passes); "
           f"load average {res['load_average_start']} -> {res['load_average_end']}")
     print(f"{'':<14}{'old':>8}{'new':>8}{'ONNX RT':>9}{'new/ORT':>9}{'decode':>8}   new vs old: max diff, min cosine")

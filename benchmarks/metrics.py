@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, torch_threads, _bins, _where_true, _max_bins
+from fastreid_rollback.metrics import reid_metrics, reid_metrics_from_dist, reid_dist, torch_threads
+from fastreid_rollback.model import atomic_write
 from fastreid_rollback.test_utils import ref_metrics, agrees_with_reference, same_result
 
 RESULTS = Path(__file__).parent/'results'/'metrics.json'
@@ -72,12 +73,20 @@ def market_dists(g, ids, kind):
     return reid_dist(*make_feats(g, ids, kind=kind.replace('_', '-'), **MARKET))
 
 # ---------------------------------------------------------------- timing and baselines
+def sync(device):
+    "Wait for the work queued on `device` (nothing to wait for on the CPU)"
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+def timed(f, device=torch.device('cpu')):
+    "`f()` and its seconds, `device` synchronised around it"
+    sync(device); t = time.perf_counter(); r = f(); sync(device)
+    return r, time.perf_counter() - t
+
 def median_time(f, n, device=torch.device('cpu')):
-    "Median seconds of `f()` over `n` calls (a GPU `device` synchronised around each call), and the last result"
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    "Median seconds of `f()` over `n` calls (`device` synchronised around each call), and the last result"
     ts = []
     for _ in range(n):
-        sync(); t = time.perf_counter(); r = f(); sync(); ts.append(time.perf_counter() - t)
+        r, t = timed(f, device); ts.append(t)
     return float(np.median(ts)), r
 
 def sampled_queries(nq, n, seed=0):
@@ -229,21 +238,25 @@ def busy(quick):
 
 # ---------------------------------------------------------------- the engine's low-level choices
 def tricks(quick):
-    "One thread, one Market-size chunk (1M distances): each choice against the plain way, in ms"
+    "One thread, one Market-size chunk (1M distances): each choice of the engine (`fastreid_rollback.metrics`) against the plain way, in ms"
     n, reps = 2**20, 21
     out = {}
     with torch_threads(1):
         for name, frac in (('where_true_sparse', .004), ('where_true_dense', .125)):   # dense: a tie-heavy matrix
             m = torch.rand(n) < frac
-            out[name] = dict(numpy_flatnonzero_ms=round(1e3 * median_time(lambda: _where_true(m), reps)[0], 3),
+            out[name] = dict(numpy_flatnonzero_ms=round(1e3 * median_time(lambda: torch.from_numpy(np.flatnonzero(m.numpy())), reps)[0], 3),
                              torch_nonzero_ms=round(1e3 * median_time(lambda: m.nonzero().squeeze(1), reps)[0], 3), fraction_set=frac)
         D = torch.rand(n // 16384 * 16, 1024)
-        nb = _max_bins
+        nb = 4096                                                        # the engine's most bins per query row
         lo, scale = torch.zeros(len(D)), torch.full((len(D),), float(nb - 4))
         rows = torch.arange(len(D), dtype=torch.int32)[:, None] * nb
         def bins_by_cast():                                              # the plain way: clamp, then a float-to-int cast
             return torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, nb - 2).add_(1.5).to(torch.int32).add_(rows)
-        out['bins'] = dict(float_bits_ms=round(1e3 * median_time(lambda: _bins(D, lo, scale, nb), reps)[0], 3),
+        def bins_by_float_bits():                                        # the engine's way: from 2**23 on, a float32's bits are an integer
+            t = torch.sub(D, lo[:, None]).mul_(scale[:, None]).clamp_(-1, nb - 2)
+            off = torch.arange(len(D), dtype=torch.float32).mul_(nb).add_(2.**23 + 1)
+            return t.add_(off[:, None]).view(torch.int32).sub_(0x4B000000)
+        out['bins'] = dict(float_bits_ms=round(1e3 * median_time(bins_by_float_bits, reps)[0], 3),
                            cast_ms=round(1e3 * median_time(bins_by_cast, reps)[0], 3))
     for k, v in out.items(): print(k, json.dumps(v))
     return out
@@ -391,10 +404,8 @@ def markdown_report(results):
 
 # ---------------------------------------------------------------- the CPU run
 def write_atomic(fn, text):
-    "`text` into `fn` through a temporary file in the same folder"
-    fn.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fn.with_name(fn.name + '.tmp')
-    tmp.write_text(text); os.replace(tmp, fn)
+    "`text` into `fn` through a temporary file in the same folder (the library's `atomic_write`)"
+    atomic_write(fn, lambda f: f.write(text.encode()))
 
 def write_results(results):
     "`results` as JSON in RESULTS, and its tables as markdown beside it"

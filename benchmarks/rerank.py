@@ -27,6 +27,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent/'tests')]
 from metrics import MARKET, make_ids, make_feats, peak_rss_gb
 from fastreid_rollback.metrics import reid_dist, reid_metrics, reid_metrics_from_dist
 from fastreid_rollback.retrieval import reid_rerank
+from fastreid_rollback.model import atomic_write
 
 SETTINGS = dict(k1=20, k2=6, lambda_value=0.3)
 SIGMA = 4.0   # noisier than metrics.py's 2.9 (mAP 0.81, re-ranked 1.0): re-ranking must not reach mAP 1, or comparing mAPs shows nothing
@@ -129,7 +130,6 @@ if __name__ == '__main__':
     print_rows(rows)
     doc = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), load_average_start=round(load, 2),
                load_average_end=round(os.getloadavg()[0], 2), rows=rows)
-    res = HERE/'results'; res.mkdir(exist_ok=True)
-    tmp = res/'.rerank.json.tmp'
-    tmp.write_text(json.dumps(doc, indent=2)); os.replace(tmp, res/'rerank.json')
-    print(f"wrote {res/'rerank.json'}")
+    out = HERE/'results'/'rerank.json'
+    atomic_write(out, lambda f: f.write(json.dumps(doc, indent=2).encode()))
+    print(f"wrote {out}")

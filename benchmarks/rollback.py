@@ -19,7 +19,7 @@ from torch import nn
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import SGD
-from fastreid_rollback.model import create_reid_model, block_state, load_block_state, reid_splitter
+from fastreid_rollback.model import create_reid_model, block_state, load_block_state, reid_splitter, atomic_write
 from fastreid_rollback.rollback import RollbackCallback, BlockGradStats
 
 def random_dls(n, bs, size, n_ids, seed=0):
@@ -99,6 +99,5 @@ if __name__ == '__main__':
                overhead=dict(arch='resnet18', size=[64, 32], bs=16, batches_per_fit=n_batches, rounds=a.rounds,
                              median_fit_s={k:round(v, 3) for k,v in med.items()}, time_ratio={k:round(v, 4) for k,v in ratios.items()}))
     out = Path(__file__).parent/'results'/'rollback.json'
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + '\n')
+    atomic_write(out, lambda f: f.write((json.dumps(res, indent=2) + '\n').encode()))
     print(f'wrote {out}')

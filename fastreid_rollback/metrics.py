@@ -5,6 +5,7 @@
 # %% ../nbs/00_metrics.ipynb #d8a834b8
 from __future__ import annotations
 import math
+from typing import Callable
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
@@ -16,7 +17,7 @@ from .checks import check_option, check_int, check_ids, check_matrix, check_fini
 
 # %% auto #0
 __all__ = ['reid_dist_names', 'reid_metric_names', 'protocol_mask', 'dist_feats', 'sims_to_dists', 'reid_dist', 'take_1d',
-           'ReIDResult', 'torch_threads', 'reid_metrics_from_dist', 'reid_metrics', 'plot_cmc']
+           'ReIDResult', 'torch_threads', 'reid_metrics_from_dist', 'reid_metrics', 'plot_curves', 'plot_cmc']
 
 # %% ../nbs/00_metrics.ipynb #e88bf89a
 reid_dist_names = ('cosine', 'euclidean')  # the distances `reid_dist` computes (its `dist` argument)
@@ -442,21 +443,37 @@ def reid_metrics(query_feats, # (n_query, dim) features
                      'the distances of query_feats and gallery_feats')
 
 # %% ../nbs/00_metrics.ipynb #52167dd6
+def plot_curves(items:tuple, # the objects to draw, one curve each
+                kind:type, # the class every item must be
+                draw:Callable, # `draw(ax, item, label)` draws one item
+                labels:list|None=None, # one label per item (default: `default_label(item)`)
+                default_label:Callable=str, # an item's label when `labels` is None
+                ax=None, # matplotlib axes to draw on (default: a new figure)
+                xlabel:str='', ylabel:str='', # the axes' labels
+                legend_loc:str='best', # where the legend goes
+                arg:str='items', # what the caller calls `items`, for the error messages
+               ):
+    "Check `items` and `labels`, draw every item with its label on `ax`, add axis labels, a grid and a legend; returns the axes"
+    import matplotlib.pyplot as plt
+    if not items: raise ValueError(f"{arg}: pass at least one {kind.__name__}")
+    for r in items:
+        if not isinstance(r, kind): raise ValueError(f"{arg} must be {kind.__name__} objects, got {type(r).__name__}")
+    if labels is None: labels = [default_label(r) for r in items]
+    if len(labels) != len(items): raise ValueError(f"labels has {len(labels)} entries for {len(items)} {arg}")
+    if ax is None: _, ax = plt.subplots(figsize=(6, 4))
+    for r, l in zip(items, labels): draw(ax, r, l)
+    ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.grid(True, alpha=.3); ax.legend(loc=legend_loc)
+    return ax
+
 def plot_cmc(*results:ReIDResult, # results to draw, one curve each
              labels:list|None=None, # one label per result (default: its mAP and rank-1)
              ax=None, # matplotlib axes to draw on (default: a new figure)
              **kwargs, # passed to `ax.plot`
             ):
     "Draw the CMC curves of `results` with matplotlib; returns the axes"
-    import matplotlib.pyplot as plt
-    if not results: raise ValueError("results: pass at least one ReIDResult")
-    for r in results:
-        if not isinstance(r, ReIDResult): raise ValueError(f"results must be ReIDResult objects, got {type(r).__name__}")
-    if labels is None: labels = [f"mAP {r.mAP:.1%}, rank-1 {r.rank(1):.1%}" for r in results]
-    if len(labels) != len(results): raise ValueError(f"labels has {len(labels)} entries for {len(results)} results")
-    if ax is None: _, ax = plt.subplots(figsize=(6, 4))
-    for r, l in zip(results, labels): ax.plot(np.arange(1, len(r.cmc) + 1), r.cmc.numpy(), label=l, **kwargs)
+    def draw(ax, r, l): ax.plot(np.arange(1, len(r.cmc) + 1), r.cmc.numpy(), label=l, **kwargs)
+    ax = plot_curves(results, ReIDResult, draw, labels, lambda r: f"mAP {r.mAP:.1%}, rank-1 {r.rank(1):.1%}", ax,
+                     xlabel='rank', ylabel='matching rate (CMC)', legend_loc='lower right', arg='results')
     lo = min(float(r.cmc.min()) for r in results)                # the y axis from a round value below the lowest point
-    ax.set_xlabel('rank'); ax.set_ylabel('matching rate (CMC)'); ax.set_ylim(max(0., math.floor((lo - .05) * 10) / 10), 1.01)
-    ax.grid(True, alpha=.3); ax.legend(loc='lower right')
+    ax.set_ylim(max(0., math.floor((lo - .05) * 10) / 10), 1.01)
     return ax

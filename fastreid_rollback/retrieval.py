@@ -12,7 +12,7 @@ from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
 from .checks import check_option, check_int, check_float, check_feats, check_matrix, check_finite, check_reid_ids
 from .metrics import (
-    reid_metrics, reid_metrics_from_dist, reid_dist, reid_dist_names, protocol_mask, dist_feats, sims_to_dists, take_1d)
+    reid_metrics, reid_metrics_from_dist, reid_dist, reid_dist_names, protocol_mask, dist_feats, sims_to_dists, take_1d, plot_curves)
 
 # %% auto #0
 __all__ = ['reid_rerank', 'aqe', 'dba', 'ReIDROC', 'reid_roc_from_dist', 'reid_roc', 'plot_roc', 'postprocess_names',
@@ -308,18 +308,12 @@ def plot_roc(*rocs:ReIDROC, # ROCs to draw, one curve each
              **kwargs, # passed to `ax.plot`
             ):
     "Draw ROC curves with a logarithmic FPR axis, their TPRs at the target FPRs marked; returns the axes"
-    import matplotlib.pyplot as plt
-    if not rocs: raise ValueError("rocs: pass at least one ReIDROC")
-    for r in rocs:
-        if not isinstance(r, ReIDROC): raise ValueError(f"rocs must be ReIDROC objects, got {type(r).__name__}")
-    if labels is None: labels = [', '.join(f'{t:.1%} at {f:.0e}' for f, t in r.tpr_at.items()) for r in rocs]
-    if len(labels) != len(rocs): raise ValueError(f"labels has {len(labels)} entries for {len(rocs)} ROCs")
-    if ax is None: _, ax = plt.subplots(figsize=(6, 4))
-    for r, l in zip(rocs, labels):
+    def draw(ax, r, l):
         line, = ax.plot(r.fpr[1:], r.tpr[1:], label=l, **kwargs)
         ax.plot(list(r.tpr_at), list(r.tpr_at.values()), 'o', color=line.get_color())
-    ax.set_xscale('log'); ax.set_xlabel('false positive rate'); ax.set_ylabel('true positive rate'); ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=.3); ax.legend()
+    ax = plot_curves(rocs, ReIDROC, draw, labels, lambda r: ', '.join(f'{t:.1%} at {f:.0e}' for f, t in r.tpr_at.items()), ax,
+                     xlabel='false positive rate', ylabel='true positive rate', arg='rocs')
+    ax.set_xscale('log'); ax.set_ylim(0, 1.02)
     return ax
 
 # %% ../nbs/00a_retrieval.ipynb #b526edfe

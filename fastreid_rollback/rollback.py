@@ -24,8 +24,9 @@ from .checks import check_keys
 from .learner import FitOnlyCallback, reference_lr
 
 # %% auto #0
-__all__ = ['default_keep', 'period_epochs', 'load_pretrained_state', 'clear_opt_state', 'fresh_opt', 'RollbackCallback',
-           'plot_group_lrs', 'epoch_seed', 'SeedEachEpoch', 'BlockGradStats', 'plot_block_grads']
+__all__ = ['default_keep', 'period_epochs', 'load_pretrained_state', 'clear_opt_state', 'fresh_opt', 'PeriodSched', 'step_sched',
+           'one_cycle_sched', 'RollbackCallback', 'plot_group_lrs', 'epoch_seed', 'SeedEachEpoch', 'BlockGradStats',
+           'plot_block_grads']
 
 # %% ../nbs/05_rollback.ipynb #f0dd9d1a
 def default_keep(blocks:list, # block names of the model, low to high
@@ -83,6 +84,41 @@ def fresh_opt(learn:Learner):
     learn.create_opt()
     for k in hypers[0]: learn.opt.set_hyper(k, [h[k] for h in hypers])
 
+# %% ../nbs/05_rollback.ipynb #07d005ae
+class PeriodSched:
+    "A schedule within a period, as data: the LRs by position from the period's starting LRs, other hyper-parameters by position"
+    def __init__(self, lr:Callable, # `lrs -> (pos -> lrs)`: the LR schedule of a period that starts at `lrs`
+                 **hypers:Callable, # other hyper-parameters, `name=(pos -> value)`, the same in every period (e.g. `mom`)
+                ): store_attr('lr,hypers')
+    def __call__(self, lrs): return self.lr(lrs)
+
+def step_sched(pct:float=0.5, # fraction of the period at the period's LRs
+               div:float=10., # the rest of the period runs at the LRs / `div`
+              )->PeriodSched:
+    "The reference's step: the period's LRs for the first `pct` of the period, then the LRs / `div`"
+    if not 0 < pct < 1: raise ValueError(f"pct={pct!r}: expected a fraction of the period, strictly between 0 and 1")
+    return PeriodSched(lambda lrs: combine_scheds([pct, 1-pct], [SchedNo(lrs, lrs), SchedNo(lrs/div, lrs/div)]))
+
+def one_cycle_sched(pct_start:float=0.25, # fraction of the period spent increasing the LR
+                    div:float=25., # the start LR is the period LR / `div`
+                    div_final:float=1e5, # the final LR is the period LR / `div_final`
+                    moms:tuple=None, # momentum cycle (e.g. `learn.moms`); None leaves momentum alone
+                   )->PeriodSched:
+    "fastai's 1cycle (`combined_cos`) in every period: up from LR / `div` to LR in `pct_start` of it, then down to LR / `div_final`"
+    mom = {} if moms is None else dict(mom=combined_cos(pct_start, *moms))
+    return PeriodSched(lambda lrs: combined_cos(pct_start, lrs/div, lrs, lrs/div_final), **mom)
+
+_named_scheds = dict(step=step_sched, one_cycle=one_cycle_sched)
+
+def _period_sched(sched):
+    "`sched` (a name of `_named_scheds`, a `PeriodSched` or a function `lrs -> (pos -> lrs)`) as a `PeriodSched`"
+    if isinstance(sched, PeriodSched): return sched
+    if isinstance(sched, str):
+        if sched in _named_scheds: return _named_scheds[sched]()
+    elif callable(sched): return PeriodSched(sched)
+    raise ValueError(f"sched={sched!r}: expected one of {tuple(_named_scheds)}, a PeriodSched (step_sched(...), "
+                     f"one_cycle_sched(...)) or a function lrs -> (pos -> lrs)")
+
 # %% ../nbs/05_rollback.ipynb #1c7bdf5c
 def _group_owners(model, opt):
     "Which block (or 'head') the parameters of each group of `opt` belong to"
@@ -96,9 +132,25 @@ def _group_owners(model, opt):
         res.append(names.pop())
     return res
 
-# %% ../nbs/05_rollback.ipynb #5e58e873
-_scheds = ('step', 'one_cycle')
+def _check_periods(n_periods, epochs_per_period):
+    "Clear errors for a number of periods or of epochs per period that is not a positive int"
+    if not isinstance(n_periods, int) or n_periods < 1: raise ValueError(f"n_periods={n_periods!r}: expected an int >= 1")
+    if epochs_per_period is not None and (not isinstance(epochs_per_period, int) or epochs_per_period < 1):
+        raise ValueError(f"epochs_per_period={epochs_per_period!r}: expected None or an int >= 1")
 
+def _as_keep(keep, n_periods):
+    "`keep` as one list of block names per period boundary (a name alone stands for a list of one); None stays None"
+    if keep is None: return None
+    keep = [[k] if isinstance(k, str) else list(k) for k in keep]
+    if len(keep) != n_periods-1: raise ValueError(f"keep has {len(keep)} entries: expected one list of block names per period boundary, n_periods-1={n_periods-1}")
+    return keep
+
+def _check_reset_opt(reset_opt):
+    "A clear error for a `reset_opt` that is not True, False or 'rolled_back'"
+    if not (reset_opt is True or reset_opt is False or reset_opt == 'rolled_back'):
+        raise ValueError(f"reset_opt={reset_opt!r}: expected True (fresh optimizer), 'rolled_back' or False")
+
+# %% ../nbs/05_rollback.ipynb #5e58e873
 class RollbackCallback(FitOnlyCallback):
     "Train in `n_periods` periods, rolling the high-level blocks back to their pre-trained state between periods"
     order,run_valid = 5,False
@@ -108,24 +160,14 @@ class RollbackCallback(FitOnlyCallback):
         keep:list=None, # per period boundary, the blocks that keep their weights (default: `default_keep`)
         kept_lr_mult:float=0.1, # LR multiplier of the kept blocks after period 1
         reset_opt:bool|str=True, # at each boundary: True a fresh optimizer, 'rolled_back' clear the rolled-back params' state, False keep it
-        sched:str|Callable='step', # within-period schedule: 'step' (x0.1 after half), 'one_cycle', or `f(lrs) -> f(pos)`
+        sched:str|Callable='step', # within-period schedule: 'step' (`step_sched()`), 'one_cycle' (`one_cycle_sched()`), a `PeriodSched`, or `f(lrs) -> f(pos)`
         head_lr_mult:float=10., # LR multiplier of the head in period 1
         pretrained_state:dict|str|Path=None, # state to roll back to (default: the model's `pretrained_state`)
-        pct_start:float=0.25, # 'one_cycle': fraction of each period spent increasing the LR
-        div:float=25., # 'one_cycle': start LR is the period LR / `div`
-        div_final:float=1e5, # 'one_cycle': final LR is the period LR / `div_final`
-        moms:tuple=None, # 'one_cycle': momentum cycle (e.g. `learn.moms`); None leaves momentum alone
         restore:bool=True, # copy the pre-trained state into the rolled-back blocks; False is the control: the same schedule, LRs and optimizer resets, no weights copied
     ):
-        if not isinstance(n_periods, int) or n_periods < 1: raise ValueError(f"n_periods={n_periods!r}: expected an int >= 1")
-        if epochs_per_period is not None and (not isinstance(epochs_per_period, int) or epochs_per_period < 1):
-            raise ValueError(f"epochs_per_period={epochs_per_period!r}: expected None or an int >= 1")
-        if keep is not None:
-            keep = [[k] if isinstance(k, str) else list(k) for k in keep]
-            if len(keep) != n_periods-1: raise ValueError(f"keep has {len(keep)} entries: expected one list of block names per period boundary, n_periods-1={n_periods-1}")
-        if not (sched in _scheds or callable(sched)): raise ValueError(f"sched={sched!r}: expected one of {_scheds} or a function lrs -> (pos -> lrs)")
-        if not (reset_opt is True or reset_opt is False or reset_opt == 'rolled_back'):
-            raise ValueError(f"reset_opt={reset_opt!r}: expected True (fresh optimizer), 'rolled_back' or False")
+        _check_periods(n_periods, epochs_per_period)
+        keep,self.period_sched = _as_keep(keep, n_periods),_period_sched(sched)
+        _check_reset_opt(reset_opt)
         store_attr()
 
     @property
@@ -134,22 +176,37 @@ class RollbackCallback(FitOnlyCallback):
         return None if self.epochs_per_period is None else self.n_periods*self.epochs_per_period
 
     def before_fit(self):
-        "Check everything, take the snapshot, the parameter groups and the per-period LRs"
+        "Check the fit and plan it: the periods, the blocks kept and rolled back, the snapshot, the LRs of every group and period"
+        self._refuse_param_scheduler()
+        self.period_len = period_epochs(self.n_epoch, self.n_periods, self.epochs_per_period)
+        self._plan_blocks()
+        self.snapshot = self._snapshot(self._rolled_blocks()) if self.restore else {}
+        self._plan_lrs()
+        self.events,self.hist = [],[]
+
+    def _refuse_param_scheduler(self):
+        "The callback owns the LRs: no `ParamScheduler` in the same fit"
         if any(isinstance(cb, ParamScheduler) for cb in self.learn.cbs): raise ValueError(
             "RollbackCallback sets the learning rates itself: remove the ParamScheduler from this fit (fit_one_cycle, "
             "fit_flat_cos, fit_sgdr and lr_find add one); use learn.fit or learn.fit_rollback, with sched='one_cycle' for a 1cycle per period")
+
+    def _plan_blocks(self):
+        "The blocks kept (`kept`) and rolled back (`rolled`) at each period boundary"
         names = block_names(self.model)
-        self.period_len = period_epochs(self.n_epoch, self.n_periods, self.epochs_per_period)
         self.kept = default_keep(names, self.n_periods) if self.keep is None else self.keep
-        for ks in self.kept:
-            for k in ks:
-                if k not in names: raise ValueError(f"keep names block {k!r}, which the model does not have; its blocks are {names}")
+        unknown = [k for ks in self.kept for k in ks if k not in names]
+        if unknown: raise ValueError(f"keep names block {unknown[0]!r}, which the model does not have; its blocks are {names}")
         self.rolled = [[n for n in names if n not in ks] for ks in self.kept]
-        self.snapshot = self._snapshot(sorted({n for r in self.rolled for n in r}, key=names.index)) if self.restore else {}
+
+    def _rolled_blocks(self):
+        "The blocks rolled back at some boundary, low to high"
+        return [n for n in block_names(self.model) if any(n in r for r in self.rolled)]
+
+    def _plan_lrs(self):
+        "The owner of every parameter group, its base LR (as `fit` set it), and the LR schedule of every period"
         self.groups = _group_owners(self.model, self.opt)
         self.base_lrs = np.array([float(h['lr']) for h in self.opt.hypers])
-        self.scheds = [self._sched(self.period_lrs(p)) for p in range(self.n_periods)]
-        self.events,self.hist = [],[]
+        self.scheds = [self.period_sched(self.period_lrs(p)) for p in range(self.n_periods)]
 
     def _snapshot(self, names):
         "The pre-trained state of the blocks `names`, on the CPU (CPU tensors of the source are shared, not copied)"
@@ -171,11 +228,6 @@ class RollbackCallback(FitOnlyCallback):
         else: mults = [self.kept_lr_mult if g in self.kept[period-1] else 1. for g in self.groups]
         return self.base_lrs*np.array(mults)
 
-    def _sched(self, lrs):
-        if self.sched == 'step': return combine_scheds([0.5, 0.5], [SchedNo(lrs, lrs), SchedNo(lrs/10, lrs/10)])
-        if self.sched == 'one_cycle': return combined_cos(self.pct_start, lrs/self.div, lrs, lrs/self.div_final)
-        return self.sched(lrs)
-
     def before_train(self):
         "Roll back when training starts on the first epoch of every period after the first"
         period,e = divmod(self.epoch, self.period_len)
@@ -193,11 +245,11 @@ class RollbackCallback(FitOnlyCallback):
                                 restored=self.restore))
 
     def before_batch(self):
-        "Set the LR of every parameter group for this batch"
+        "Set the LR of every parameter group, and the schedule's other hyper-parameters, for this batch"
         period,e = divmod(self.epoch, self.period_len)
         pos = (e + self.iter/self.n_iter)/self.period_len   # 'step': exactly 0.5 at the first batch of epoch P/2 when P is even
         self.opt.set_hyper('lr', self.scheds[period](pos))
-        if self.sched == 'one_cycle' and self.moms is not None: self.opt.set_hyper('mom', combined_cos(self.pct_start, *self.moms)(pos))
+        for k,f in self.period_sched.hypers.items(): self.opt.set_hyper(k, f(pos))
         self.hist.append([self.epoch, self.iter] + [h['lr'] for h in self.opt.hypers])
 
     def after_fit(self):

@@ -142,7 +142,7 @@ def test_step_mid_period_iterations(pre_fn, tmp_path):
 
 def test_lrs_one_cycle(pre_fn, tmp_path):
     learn = tiny_learner(pre_fn, tmp_path)
-    cb = RollbackCallback(n_periods=2, sched='one_cycle', moms=(0.95, 0.85, 0.95))
+    cb = RollbackCallback(n_periods=2, sched=one_cycle_sched(moms=(0.95, 0.85, 0.95)))
     fit(learn, 4, 0.02, cbs=cb)
     df = cb.lr_df
     n_iter = df.groupby('epoch')['iter'].max().iloc[0] + 1
@@ -154,6 +154,27 @@ def test_lrs_one_cycle(pre_fn, tmp_path):
             np.testing.assert_allclose(r[BLOCKS+['head']].values.astype(float), f(pos), rtol=1e-12)
         np.testing.assert_allclose(rows.iloc[0][BLOCKS+['head']].values.astype(float), lrs/25, rtol=1e-12)
     np.testing.assert_allclose(learn.opt.hypers[0]['mom'], combined_cos(0.25, .95, .85, .95)((1 + (n_iter-1)/n_iter)/2))
+
+class MomProbe(Callback):
+    "The momentum of the first parameter group at each training batch, after `RollbackCallback` set it"
+    order,run_valid = RollbackCallback.order+1,False
+    def before_fit(self): self.moms = []
+    def before_batch(self): self.moms.append(self.opt.hypers[0]['mom'])
+
+def test_one_cycle_sched_same_lrs_as_the_old_keywords(pre_fn, tmp_path):
+    "`sched=one_cycle_sched(...)` sets the LRs and momentums the removed keywords `pct_start, div, div_final, moms` set"
+    learn,probe = tiny_learner(pre_fn, tmp_path),MomProbe()
+    cb = RollbackCallback(n_periods=2, sched=one_cycle_sched(pct_start=0.3, div=10., div_final=1e4, moms=(0.9, 0.8, 0.9)))
+    fit(learn, 4, slice(1e-3, 2e-2), cbs=[cb, probe])
+    # recorded before the change with `RollbackCallback(n_periods=2, sched='one_cycle', pct_start=0.3, div=10., div_final=1e4, moms=(0.9, 0.8, 0.9))`
+    stem_head = [[0.0001, 0.02], [0.0009397114176589831, 0.18794228353179662], [0.0008117637473515666, 0.16235274947031333],
+                 [0.00028312983667765665, 0.056625967335531296], [1e-05, 0.002], [9.397114176589832e-05, 0.018794228353179662],
+                 [8.117637473515667e-05, 0.016235274947031333], [2.831298366776566e-05, 0.00566259673355313]]
+    moms = [0.9, 0.8066987313712242, 0.8188255078156249, 0.8716941857508095]*2
+    assert cb.lr_df[['stem', 'head']].values.tolist() == stem_head
+    assert probe.moms == moms
+    with pytest.raises(TypeError, match='pct_start'): RollbackCallback(sched='one_cycle', pct_start=0.3)
+    with pytest.raises(TypeError, match='moms'): RollbackCallback(moms=(0.95, 0.85, 0.95))
 
 def test_custom_sched(pre_fn, tmp_path):
     from fastai.callback.schedule import SchedLin
