@@ -182,8 +182,7 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
     from fastreid_rollback.checks import check_int
     from fastreid_rollback.data import reid_dls
     from fastreid_rollback.learner import reid_learner
-    from fastreid_rollback.experiment import read_checkpoint
-    from fastreid_rollback.model import atomic_write
+    from fastreid_rollback.model import read_checkpoint, atomic_write
     check_int(bs, '--bs', 1)
     if workers is not None: check_int(workers, '--workers', 0)
     if out is not None: out = _out_folder(out)

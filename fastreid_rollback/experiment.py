@@ -16,8 +16,9 @@ from fastai.learner import Learner
 from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
 from .data import market1501, reid_dls
-from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules, block_names
-from .backbones import weights_cache_file, load_state_file, rollback_cache
+from .model import (unwrap_model, save_backbone, atomic_save, atomic_write, read_checkpoint, block_state, block_modules,
+                                     block_names)
+from .backbones import weights_cache_file, rollback_cache
 from .learner import reid_learner, ReIDEvalCallback, FitOnlyCallback, reference_lr
 from .checks import check_int, check_keys
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
@@ -25,10 +26,10 @@ from .distributed import ddp_ctx  # noqa: F401 (`Learner.ddp_ctx`)
 
 # %% auto #0
 __all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'source_backbone',
-           'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid',
-           'train_arm', 'compare_rollback', 'fork_run', 'results_table', 'EpochLosses', 'run_record',
-           'block_weight_change', 'PeriodWeightChange', 'plateau_epoch', 'converged_period', 'paired_difference',
-           'decide', 'plot_losses', 'save_report']
+           'save_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid', 'train_arm',
+           'compare_rollback', 'fork_run', 'results_table', 'EpochLosses', 'run_record', 'block_weight_change',
+           'PeriodWeightChange', 'plateau_epoch', 'converged_period', 'paired_difference', 'decide', 'plot_losses',
+           'save_report']
 
 # %% ../nbs/06_experiment.ipynb #87c74842
 def imagenet_weights_available(arch:str='resnet50', # torchvision architecture name
@@ -98,16 +99,6 @@ def save_checkpoint(learn:Learner, # the learner to save
     if rank_distrib(): return Path(path)  # under DDP only the first process writes
     opt = learn.opt.state_dict() if with_opt and learn.opt is not None else None
     return atomic_save({'model': unwrap_model(learn.model).state_dict(), 'opt': opt, 'meta': meta}, path)
-
-def read_checkpoint(path:str|Path, # a file written by `save_checkpoint`
-                   ) -> dict: # {'model': state dict, 'opt': optimizer state or None, 'meta': dict}
-    "Read and check a checkpoint written by `save_checkpoint`"
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = load_state_file(path, f"checkpoint {str(path)!r}")
-    if not {'model', 'opt', 'meta'} <= set(state) or not isinstance(state['meta'], dict):
-        raise ValueError(f"{str(path)!r} is not a checkpoint written by save_checkpoint (expected keys 'model', 'opt', 'meta')")
-    return state
 
 def load_checkpoint(learn:Learner, # the learner to load into (built as the saved one was)
                     path:str|Path, # a file written by `save_checkpoint`

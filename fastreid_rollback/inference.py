@@ -24,13 +24,13 @@ from fastai.vision.augment import Resize
 from fastprogress.fastprogress import progress_bar
 import matplotlib.pyplot as plt
 from . import __version__
-from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, unwrap_model, inference_model
+from .model import (ReIDModel, create_reid_model, atomic_write, read_checkpoint, ClassBlock, BNNeck, unwrap_model,
+                                     inference_model)
 from .backbones import create_backbone, resnet_archs
 from .data import reid_item_tfms, reid_batch_tfms, find_bad_images
 from .checks import check_int, check_option, check_id_column
 from .metrics import reid_dist, reid_dist_names, torch_threads
 from .learner import show_framed_image
-from .experiment import read_checkpoint
 
 # %% auto #0
 __all__ = ['save_reid', 'checkpoint_to_reid', 'ReIDFeatures', 'ReIDPredictor', 'load_reid', 'ReIDIndex', 'export_onnx']

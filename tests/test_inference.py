@@ -19,6 +19,14 @@ def run_python(code, *args):
     return subprocess.run([sys.executable, '-W', 'ignore', '-c', textwrap.dedent(code), *map(str, args)],
                           capture_output=True, text=True, timeout=600)
 
+def test_inference_does_not_import_training_code():
+    "The deployment path reads checkpoints (`read_checkpoint`, in `model`) without importing the training code of `experiment`"
+    p = run_python("""
+        import sys, fastreid_rollback.inference
+        print('fastreid_rollback.experiment' in sys.modules)""")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ['False']
+
 @pytest.fixture(scope='module')
 def df(tmp_path_factory):
     root = synthetic_reid(tmp_path_factory.mktemp('data'), n_ids=16, n_cams=2, imgs_per_id_cam=2, size=(64, 32), n_distractors=3, n_junk=2)
