@@ -202,11 +202,6 @@ class _Images(Dataset):
     def __getitem__(self, i): return image2tensor(self.resize(_rgb_image(self.items[i], f'images[{i}]'), split_idx=1))
 
 # %% ../nbs/09_inference.ipynb #188b4059
-def _check_threads(threads):
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
-        raise ValueError(f"threads={threads!r}: expected None (torch's setting) or an int >= 1")
-    return threads
-
 def _autocast_dtype(device:torch.device, fp16:bool):
     "The dtype `ReIDPredictor` autocasts to on `device` (None: float32), or a `ValueError` when `fp16` cannot be used there"
     if fp16 and device.type != 'cuda': raise ValueError(f"fp16=True: half precision runs on a CUDA device, not on {device}")
@@ -226,7 +221,7 @@ class ReIDPredictor:
                  fp16:bool=False, # autocast to float16 on a CUDA device: faster, features less exact
                 ):
         store_attr('config,fingerprint,path,fold_bn,channels_last,fuse_relu')
-        self.device,self.threads = torch.device(ifnone(device, default_device())),_check_threads(threads)
+        self.device,self.threads = torch.device(ifnone(device, default_device())),threads if threads is None else check_int(threads, 'threads', 1)
         self.autocast = _autocast_dtype(self.device, fp16)
         feat,r = config['feature'],config['resize']
         self.net = ReIDFeatures(inference_model(model, fold_bn, channels_last, fuse_relu), config['mean'], config['std'], feat['flip'],
