@@ -142,7 +142,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
     from fastreid_rollback.backbones import check_arch, reid_pools
     from fastreid_rollback.data import reid_dls
     from fastreid_rollback.distributed import on_rank0_first
-    from fastreid_rollback.experiment import train_reid, save_report, save_checkpoint
+    from fastreid_rollback.experiment import train_reid, arm_periods, save_report, save_checkpoint
     for flag,v,lo in [('--periods', periods, 1), ('--epochs-per-period', epochs_per_period, 1), ('--bs', bs, 1),
                       ('--checkpoint-every', checkpoint_every, 0), ('--workers', workers, 0), ('--seed', seed, 0), ('--size', size[0], 1), ('--size', size[1], 1)]:
         if v is not None: check_int(v, flag, lo)
@@ -153,7 +153,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
     out = _out_folder(out)
     df = on_rank0_first(read_dataset, data, dataset)  # several processes: the first one generates the embedded dataset
     dls = reid_dls(df, size=tuple(size), bs=bs, num_workers=workers, seed=seed)
-    n_periods, epp = (1, periods*epochs_per_period) if baseline else (periods, epochs_per_period)
+    n_periods, epp = arm_periods('baseline' if baseline else 'rollback', periods, epochs_per_period)
     run = train_reid(dls, arch=arch, pretrained=_pretrained(pretrained), n_periods=n_periods, epochs_per_period=epp,
                      lr=lr, out=out, checkpoint_every=checkpoint_every, resume=resume, fp16=fp16, seed=seed, pool=pool, last_stride=last_stride,
                      name='baseline' if baseline else 'rollback', meta=dict(size=list(size), pool=pool, last_stride=last_stride))

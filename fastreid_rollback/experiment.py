@@ -26,10 +26,10 @@ from .distributed import ddp_ctx  # noqa: F401 (`Learner.ddp_ctx`)
 
 # %% auto #0
 __all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'source_backbone',
-           'save_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid', 'train_arm',
-           'compare_rollback', 'fork_run', 'results_table', 'EpochLosses', 'run_record', 'block_weight_change',
-           'PeriodWeightChange', 'plateau_epoch', 'converged_period', 'paired_difference', 'decide', 'plot_losses',
-           'save_report']
+           'save_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid', 'arm_periods',
+           'train_arm', 'compare_rollback', 'fork_run', 'results_table', 'EpochLosses', 'run_record',
+           'block_weight_change', 'PeriodWeightChange', 'plateau_epoch', 'converged_period', 'paired_difference',
+           'decide', 'plot_losses', 'save_report']
 
 # %% ../nbs/06_experiment.ipynb #87c74842
 def imagenet_weights_available(arch:str='resnet50', # torchvision architecture name
@@ -240,17 +240,24 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
 # %% ../nbs/06_experiment.ipynb #2aef2e70
 arm_names = ('baseline', 'control', 'rollback')
 
+def arm_periods(arm:str, # one of `arm_names`
+                n_periods:int, # periods of the control and rolling-back runs
+                epochs_per_period:int, # epochs in each of their periods
+               ) -> tuple: # `(n_periods, epochs_per_period)` that `arm` trains with
+    "The schedule of `arm`: the baseline trains the same total epochs as the others, in one period"
+    if arm not in arm_names: raise ValueError(f"arm={arm!r}: expected one of {arm_names}")
+    return (1, n_periods*epochs_per_period) if arm == 'baseline' else (n_periods, epochs_per_period)
+
 def train_arm(dls, # `reid_dls` DataLoaders (with query and gallery)
               arm:str, # 'baseline' (one period of all the epochs), 'control' (the schedule, no restore) or 'rollback'
               n_periods:int=4, # periods of the control and rolling-back runs
-              epochs_per_period:int=40, # epochs per period; the baseline trains n_periods*epochs_per_period in one period
+              epochs_per_period:int=40, # epochs per period; the baseline trains them all in one period (`arm_periods`)
               **kwargs, # passed to `train_reid` (arch, pretrained, lr, seed, ...)
              ) -> ReIDRun:
     "One arm of the comparison, evaluated at the end of every `epochs_per_period` epochs (the baseline too)"
-    if arm not in arm_names: raise ValueError(f"arm={arm!r}: expected one of {arm_names}")
+    n,epp = arm_periods(arm, n_periods, epochs_per_period)
     kwargs = {'eval_every': epochs_per_period, **kwargs}
-    if arm == 'baseline': return train_reid(dls, n_periods=1, epochs_per_period=n_periods*epochs_per_period, name=arm, **kwargs)
-    return train_reid(dls, n_periods=n_periods, epochs_per_period=epochs_per_period, restore=arm == 'rollback', name=arm, **kwargs)
+    return train_reid(dls, n_periods=n, epochs_per_period=epp, restore=arm != 'control', name=arm, **kwargs)
 
 def compare_rollback(dls, # `reid_dls` DataLoaders (with query and gallery)
                      n_periods:int=4, # periods of the rolling-back run
