@@ -18,7 +18,7 @@ from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.data import get_grid
 from fastai.vision.augment import Resize, ResizeMethod, FlipItem, RandomErasing
 from .checks import check_int, check_option, check_id_column
-from .synthetic import market1501_dirs  # the Market-1501 layout the readers read
+from .layout import market1501_dirs  # the Market-1501 layout the readers read
 
 # %% auto #0
 __all__ = ['market1501', 'dukemtmc_reid', 'cuhk03_np', 'msmt17', 'ReIDImage', 'find_bad_images', 'reid_item_tfms',
