@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
-from .data import market1501, reid_dls
+from .data import market1501, reid_dls, input_size
 from .model import (unwrap_model, save_backbone, atomic_save, atomic_write, read_checkpoint, block_state, block_modules,
                                      block_names)
 from .backbones import weights_cache_file, rollback_cache
@@ -95,8 +95,10 @@ def save_checkpoint(learn:Learner, # the learner to save
                     with_opt:bool=True, # also save the optimizer state (needed to resume, not to evaluate)
                     **meta, # plain values stored beside the weights (epoch, config, ...)
                    ) -> Path:
-    "Write the model, the optimizer state and `meta` of `learn` to `path`"
+    "Write the model, the optimizer state and `meta` of `learn` to `path`, with the input `size` of its DataLoaders when known"
     if rank_distrib(): return Path(path)  # under DDP only the first process writes
+    try: meta = {'size': list(input_size(learn.dls)), **meta}
+    except ValueError: pass  # DataLoaders of unknown input size: the checkpoint records none
     opt = learn.opt.state_dict() if with_opt and learn.opt is not None else None
     return atomic_save({'model': unwrap_model(learn.model).state_dict(), 'opt': opt, 'meta': meta}, path)
 
