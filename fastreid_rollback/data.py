@@ -428,7 +428,7 @@ def reid_dls(
 def input_size(dls, # `DataLoaders`: from `reid_dls`, or any whose test-time items go through one `Resize`
               ) -> tuple: # `(height, width)`
     "The input size of `dls`: the `size` `reid_dls` built them with, else that of the one `Resize` of their test-time items"
-    if vars(dls).get('size') is not None: return tuple(dls.size)
+    if getattr(dls, '__dict__', {}).get('size') is not None: return tuple(dls.size)
     dl = ifnone(getattr(dls, 'query', None), getattr(dls, 'valid', None))  # the test-time pipeline `reid_features` sees
     rs = [t for t in getattr(getattr(dl, 'after_item', None), 'fs', []) if isinstance(t, Resize) and getattr(t, 'split_idx', None) != 0]
     if len(rs) != 1: raise ValueError(f"the input size of the DataLoaders is unknown: they were not made by reid_dls, and their test-time items "

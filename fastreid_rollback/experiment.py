@@ -97,7 +97,7 @@ def save_checkpoint(learn:Learner, # the learner to save
                    ) -> Path:
     "Write the model, the optimizer state and `meta` of `learn` to `path`, with the input `size` of its DataLoaders when known"
     if rank_distrib(): return Path(path)  # under DDP only the first process writes
-    try: meta = {'size': list(input_size(learn.dls)), **meta}
+    try: meta = {'size': list(input_size(getattr(learn, 'dls', None))), **meta}
     except ValueError: pass  # DataLoaders of unknown input size: the checkpoint records none
     opt = learn.opt.state_dict() if with_opt and learn.opt is not None else None
     return atomic_save({'model': unwrap_model(learn.model).state_dict(), 'opt': opt, 'meta': meta}, path)

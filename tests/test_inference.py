@@ -342,3 +342,11 @@ def test_damaged_faiss_index_in_a_saved_index(untrained, df, tmp_path):
                    **{k: v for k,v in meta.items() if k not in ('format', 'format_version', 'library_version')})
     with pytest.raises(ValueError, match=r"index '.*bad.idx': its FAISS index cannot be read \(.*\): build the index again"):
         ReIDIndex.load(tmp_path/'bad.idx', model=untrained)
+
+def test_save_reid_size_is_the_resize_one(learn, tmp_path):
+    "The size a model file records is the one its transforms resize to: a `size` that is not is refused"
+    from fastreid_rollback.inference import save_reid
+    from fastreid_rollback.data import reid_item_tfms, reid_batch_tfms
+    tfms = reid_item_tfms((64, 32), flip=False) + reid_batch_tfms()
+    with pytest.raises(ValueError, match=r'size=\(32, 16\) is not the size the Resize'): save_reid(learn.model, tmp_path/'m.reid', tfms, size=(32, 16))
+    assert load_reid(save_reid(learn.model, tmp_path/'m.reid', tfms, size=(64, 32))).size == (64, 32)
