@@ -2,6 +2,7 @@
 from .checks import *
 from .metrics import *
 from .retrieval import *
+from .layout import *
 from .synthetic import *
 from .data import *
 from .backbones import *

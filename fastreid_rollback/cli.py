@@ -125,7 +125,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
           periods:int=4, # periods of the rolling-back schedule
           epochs_per_period:int=40, # epochs in each period
           bs:int=32, # batch size (per process when launched on several)
-          size:int=(288, 144), # input height and width (two numbers)
+          size:tuple=(288, 144), # input height and width (two numbers) (`reid_size`, written out: the CLI answers --help without importing torch)
           lr:float=0.01, # base learning rate (`reference_lr`, written out: the CLI answers --help without importing torch)
           out:str='runs', # folder for checkpoints, results and plots
           baseline:store_true=False, # train the one-period baseline (same total epochs) instead
@@ -142,7 +142,7 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
     from fastreid_rollback.backbones import check_arch, reid_pools
     from fastreid_rollback.data import reid_dls
     from fastreid_rollback.distributed import on_rank0_first
-    from fastreid_rollback.experiment import train_reid, save_report, save_checkpoint
+    from fastreid_rollback.experiment import train_reid, arm_periods, save_report, save_checkpoint
     for flag,v,lo in [('--periods', periods, 1), ('--epochs-per-period', epochs_per_period, 1), ('--bs', bs, 1),
                       ('--checkpoint-every', checkpoint_every, 0), ('--workers', workers, 0), ('--seed', seed, 0), ('--size', size[0], 1), ('--size', size[1], 1)]:
         if v is not None: check_int(v, flag, lo)
@@ -153,10 +153,10 @@ def train(data:str=None, # the dataset's folder (for 'synthetic': where to gener
     out = _out_folder(out)
     df = on_rank0_first(read_dataset, data, dataset)  # several processes: the first one generates the embedded dataset
     dls = reid_dls(df, size=tuple(size), bs=bs, num_workers=workers, seed=seed)
-    n_periods, epp = (1, periods*epochs_per_period) if baseline else (periods, epochs_per_period)
+    n_periods, epp = arm_periods('baseline' if baseline else 'rollback', periods, epochs_per_period)
     run = train_reid(dls, arch=arch, pretrained=_pretrained(pretrained), n_periods=n_periods, epochs_per_period=epp,
                      lr=lr, out=out, checkpoint_every=checkpoint_every, resume=resume, fp16=fp16, seed=seed, pool=pool, last_stride=last_stride,
-                     name='baseline' if baseline else 'rollback', meta=dict(size=list(size), pool=pool, last_stride=last_stride))
+                     name='baseline' if baseline else 'rollback', meta=dict(pool=pool, last_stride=last_stride))  # the input size: `save_checkpoint` reads it from `dls`
     if rank_distrib(): return None  # several processes: the first one writes the model and the report
     config = dict(data=str(data), dataset=dataset, arch=arch, pool=pool, last_stride=last_stride, periods=periods, epochs_per_period=epochs_per_period, bs=bs,
                   size=list(size), lr=lr, baseline=baseline, pretrained=pretrained, seed=seed)
@@ -172,7 +172,7 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
              bs:int=64, # batch size of the feature extraction
              workers:int=None, # DataLoader workers
              out:str=None, # write the metrics to out/eval.json too
-             size:int=None, # input height and width (two numbers); default: those the model was trained with
+             size:tuple=None, # input height and width (two numbers); default: those the model was trained with
              rerank:store_true=False, # also the metrics after k-reciprocal re-ranking (`reid_rerank`'s defaults)
              aqe:store_true=False, # also the metrics after average query expansion (with --rerank: re-ranking after it)
             ):
@@ -182,8 +182,7 @@ def evaluate(model:str=None, # a model file written by `train` (out/model.pth) o
     from fastreid_rollback.checks import check_int
     from fastreid_rollback.data import reid_dls
     from fastreid_rollback.learner import reid_learner
-    from fastreid_rollback.experiment import read_checkpoint
-    from fastreid_rollback.model import atomic_write
+    from fastreid_rollback.model import read_checkpoint, atomic_write
     check_int(bs, '--bs', 1)
     if workers is not None: check_int(workers, '--workers', 0)
     if out is not None: out = _out_folder(out)
@@ -210,7 +209,7 @@ def _required(value, flag, what):
 
 def export_model(checkpoint:str=None, # a model file written by `train` (out/model.pth) or a checkpoint (out/checkpoints/*.pth)
                  out:str='model.reid', # the model file to write
-                 size:int=None, # input height and width (two numbers; default: the checkpoint's)
+                 size:tuple=None, # input height and width (two numbers; default: the checkpoint's)
                 ):
     "Export a trained model to one file (weights and preprocessing) for `index`, `search` and `load_reid`"
     _required(checkpoint, '--checkpoint', 'a model file written by train (out/model.pth) or a checkpoint')
@@ -270,13 +269,13 @@ class _Parser(argparse.ArgumentParser):
     "An `ArgumentParser` whose errors are `_UsageError`s pointing to the command's help"
     def error(self, message): raise _UsageError(f"{message} (see {self.prog} --help)")
 
-_nargs = {'size': 2, 'query': '+'}  # flags taking several values: `--size 256 128`, `--query a.jpg b.jpg`
+_nargs = {'size': (2, int), 'query': ('+', str)}  # flags taking several values, and the type of each: `--size 256 128`, `--query a.jpg b.jpg`
 
 def _flag(p, k, d):
     "Add to parser `p` the flag of parameter `k` from its `docments` entry `d` (annotation, default, comment)"
     if d.anno in (store_true, bool): return p.add_argument(f"--{k.replace('_', '-')}", dest=k, action='store_true', help=d.docment)
     default = '' if d.default is None else f" (default: {' '.join(map(str, d.default)) if isinstance(d.default, tuple) else d.default})"
-    p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=d.anno, default=d.default, nargs=_nargs.get(k), help=f"{d.docment or ''}{default}")
+    p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=_nargs.get(k, (None, d.anno))[1], default=d.default, nargs=_nargs.get(k, (None,))[0], help=f"{d.docment or ''}{default}")
 
 def _parser(cmd):
     "argparse parser of sub-command `cmd`: a flag per parameter of its function, documented by the parameter's comment"

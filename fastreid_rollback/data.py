@@ -18,12 +18,12 @@ from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.data import get_grid
 from fastai.vision.augment import Resize, ResizeMethod, FlipItem, RandomErasing
 from .checks import check_int, check_option, check_id_column
-from .synthetic import market1501_dirs  # the Market-1501 layout the readers read
+from .layout import market1501_dirs  # the Market-1501 layout the readers read
 
 # %% auto #0
-__all__ = ['market1501', 'dukemtmc_reid', 'cuhk03_np', 'msmt17', 'ReIDImage', 'find_bad_images', 'reid_item_tfms',
+__all__ = ['reid_size', 'market1501', 'dukemtmc_reid', 'cuhk03_np', 'msmt17', 'ReIDImage', 'find_bad_images', 'reid_item_tfms',
            'reid_batch_tfms', 'IdentitySplitter', 'ReIDDataBlock', 'pk_batches', 'ReIDDL', 'ReIDDataLoaders',
-           'reid_dls']
+           'reid_dls', 'input_size']
 
 # %% ../nbs/02_data.ipynb #b6be5b97
 def _find_root(path, names, markers, dataset:str) -> Path:
@@ -164,8 +164,10 @@ def find_bad_images(
     return [p for p in df['path'] if _is_bad(p)]
 
 # %% ../nbs/02_data.ipynb #50bca257
+reid_size = (288, 144)  # the default input size `(height, width)`: the reference's (see method)
+
 def reid_item_tfms(
-    size:tuple=(256, 128), # Image size `(height, width)`
+    size:tuple=reid_size, # Image size `(height, width)`
     flip:bool=True, # Random horizontal flip (training only)
 ) -> list:
     "Default item transforms: bicubic squish-resize to `size`, random horizontal flip"
@@ -210,7 +212,7 @@ class _OpenImage(Transform):
 class ReIDDataBlock(DataBlock):
     "A `DataBlock` of ReID images (column `path`) labelled by identity (column `pid`)"
     def __init__(self,
-        size:tuple=(256, 128), # Image size `(height, width)`
+        size:tuple=reid_size, # Image size `(height, width)`
         flip:bool=True, # Random horizontal flip while training
         erasing:float=0., # Probability of random erasing while training
         vocab=None, # Training identities (the classes); default: those in the data
@@ -350,7 +352,8 @@ def show_batch(self:ReIDDL, b=None, max_n:int=9, ctxs=None, show:bool=True, nrow
 
 # %% ../nbs/02_data.ipynb #750f17f0
 class ReIDDataLoaders(DataLoaders):
-    "`DataLoaders` with the ReID evaluation sets: `train`, `valid`, `query`, `gallery`"
+    "`DataLoaders` with the ReID evaluation sets: `train`, `valid`, `query`, `gallery`, and the input `size` they were built with"
+    size = None  # the input size `(height, width)` that `reid_dls` resizes to (None when its `item_tfms` replace the defaults)
     def _set(i, self, v): self.loaders[i] = v
     query,gallery = add_props(lambda i,x: x.loaders[i+2] if len(x.loaders) > i+2 else None, lambda i,x,v: ReIDDataLoaders._set(i+2, x, v))
     @property
@@ -391,7 +394,7 @@ def _check_df(df:pd.DataFrame, on_bad_image:str) -> pd.DataFrame:
 # %% ../nbs/02_data.ipynb #1545421b
 def reid_dls(
     df:pd.DataFrame, # Reader output: columns path, pid, camid, split
-    size:tuple=(256, 128), # Image size `(height, width)`
+    size:tuple=reid_size, # Image size `(height, width)`
     bs:int=32, # Batch size; to train, >= 2 and at most the training images (with `sampler='pk'`: of valid, query and gallery only; training batches are `p*k`)
     sampler:str='random', # 'random' or 'pk' (identity-balanced)
     p:int=16, # Identities per training batch (PK sampler)
@@ -419,4 +422,15 @@ def reid_dls(
     dls = ReIDDataLoaders(*dls.loaders, path=path, device=device)
     if seed is not None: dls.train.rng = random.Random(seed)
     dls.loaders += [dls.reid_dl(df[df.split==s]) for s in ('query', 'gallery')]
+    if item_tfms is None: dls.size = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
     return dls
+
+def input_size(dls, # `DataLoaders`: from `reid_dls`, or any whose test-time items go through one `Resize`
+              ) -> tuple: # `(height, width)`
+    "The input size of `dls`: the `size` `reid_dls` built them with, else that of the one `Resize` of their test-time items"
+    if getattr(dls, '__dict__', {}).get('size') is not None: return tuple(dls.size)
+    dl = ifnone(getattr(dls, 'query', None), getattr(dls, 'valid', None))  # the test-time pipeline `reid_features` sees
+    rs = [t for t in getattr(getattr(dl, 'after_item', None), 'fs', []) if isinstance(t, Resize) and getattr(t, 'split_idx', None) != 0]
+    if len(rs) != 1: raise ValueError(f"the input size of the DataLoaders is unknown: they were not made by reid_dls, and their test-time items "
+                                      f"have {len(rs)} Resize transforms, not one; set dls.size = (height, width)")
+    return (int(rs[0].size[1]), int(rs[0].size[0]))   # fastai's `Resize` keeps (width, height)

@@ -15,9 +15,10 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .metrics import ReIDResult, plot_cmc, reid_metric_names
 from .synthetic import synthetic_reid
-from .data import market1501, reid_dls
-from .model import unwrap_model, save_backbone, atomic_save, atomic_write, block_state, block_modules, block_names
-from .backbones import weights_cache_file, load_state_file, rollback_cache
+from .data import market1501, reid_dls, input_size
+from .model import (unwrap_model, save_backbone, atomic_save, atomic_write, read_checkpoint, block_state, block_modules,
+                                     block_names)
+from .backbones import weights_cache_file, rollback_cache
 from .learner import reid_learner, ReIDEvalCallback, FitOnlyCallback, reference_lr
 from .checks import check_int, check_keys
 from .rollback import RollbackCallback, BlockGradStats, SeedEachEpoch
@@ -25,7 +26,7 @@ from .distributed import ddp_ctx  # noqa: F401 (`Learner.ddp_ctx`)
 
 # %% auto #0
 __all__ = ['source_domain', 'arm_names', 'decision_rule', 'imagenet_weights_available', 'pretrain_backbone', 'source_backbone',
-           'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid',
+           'save_checkpoint', 'load_checkpoint', 'CheckpointCallback', 'ReIDRun', 'train_reid', 'arm_periods',
            'train_arm', 'compare_rollback', 'fork_run', 'results_table', 'EpochLosses', 'run_record',
            'block_weight_change', 'PeriodWeightChange', 'plateau_epoch', 'converged_period', 'paired_difference',
            'decide', 'plot_losses', 'save_report']
@@ -94,20 +95,12 @@ def save_checkpoint(learn:Learner, # the learner to save
                     with_opt:bool=True, # also save the optimizer state (needed to resume, not to evaluate)
                     **meta, # plain values stored beside the weights (epoch, config, ...)
                    ) -> Path:
-    "Write the model, the optimizer state and `meta` of `learn` to `path`"
+    "Write the model, the optimizer state and `meta` of `learn` to `path`, with the input `size` of its DataLoaders when known"
     if rank_distrib(): return Path(path)  # under DDP only the first process writes
+    try: meta = {'size': list(input_size(getattr(learn, 'dls', None))), **meta}
+    except ValueError: pass  # DataLoaders of unknown input size: the checkpoint records none
     opt = learn.opt.state_dict() if with_opt and learn.opt is not None else None
     return atomic_save({'model': unwrap_model(learn.model).state_dict(), 'opt': opt, 'meta': meta}, path)
-
-def read_checkpoint(path:str|Path, # a file written by `save_checkpoint`
-                   ) -> dict: # {'model': state dict, 'opt': optimizer state or None, 'meta': dict}
-    "Read and check a checkpoint written by `save_checkpoint`"
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = load_state_file(path, f"checkpoint {str(path)!r}")
-    if not {'model', 'opt', 'meta'} <= set(state) or not isinstance(state['meta'], dict):
-        raise ValueError(f"{str(path)!r} is not a checkpoint written by save_checkpoint (expected keys 'model', 'opt', 'meta')")
-    return state
 
 def load_checkpoint(learn:Learner, # the learner to load into (built as the saved one was)
                     path:str|Path, # a file written by `save_checkpoint`
@@ -249,17 +242,24 @@ def train_reid(dls, # `reid_dls` DataLoaders (with query and gallery)
 # %% ../nbs/06_experiment.ipynb #2aef2e70
 arm_names = ('baseline', 'control', 'rollback')
 
+def arm_periods(arm:str, # one of `arm_names`
+                n_periods:int, # periods of the control and rolling-back runs
+                epochs_per_period:int, # epochs in each of their periods
+               ) -> tuple: # `(n_periods, epochs_per_period)` that `arm` trains with
+    "The schedule of `arm`: the baseline trains the same total epochs as the others, in one period"
+    if arm not in arm_names: raise ValueError(f"arm={arm!r}: expected one of {arm_names}")
+    return (1, n_periods*epochs_per_period) if arm == 'baseline' else (n_periods, epochs_per_period)
+
 def train_arm(dls, # `reid_dls` DataLoaders (with query and gallery)
               arm:str, # 'baseline' (one period of all the epochs), 'control' (the schedule, no restore) or 'rollback'
               n_periods:int=4, # periods of the control and rolling-back runs
-              epochs_per_period:int=40, # epochs per period; the baseline trains n_periods*epochs_per_period in one period
+              epochs_per_period:int=40, # epochs per period; the baseline trains them all in one period (`arm_periods`)
               **kwargs, # passed to `train_reid` (arch, pretrained, lr, seed, ...)
              ) -> ReIDRun:
     "One arm of the comparison, evaluated at the end of every `epochs_per_period` epochs (the baseline too)"
-    if arm not in arm_names: raise ValueError(f"arm={arm!r}: expected one of {arm_names}")
+    n,epp = arm_periods(arm, n_periods, epochs_per_period)
     kwargs = {'eval_every': epochs_per_period, **kwargs}
-    if arm == 'baseline': return train_reid(dls, n_periods=1, epochs_per_period=n_periods*epochs_per_period, name=arm, **kwargs)
-    return train_reid(dls, n_periods=n_periods, epochs_per_period=epochs_per_period, restore=arm == 'rollback', name=arm, **kwargs)
+    return train_reid(dls, n_periods=n, epochs_per_period=epp, restore=arm != 'control', name=arm, **kwargs)
 
 def compare_rollback(dls, # `reid_dls` DataLoaders (with query and gallery)
                      n_periods:int=4, # periods of the rolling-back run

@@ -24,13 +24,13 @@ from fastai.vision.augment import Resize
 from fastprogress.fastprogress import progress_bar
 import matplotlib.pyplot as plt
 from . import __version__
-from .model import ReIDModel, create_reid_model, atomic_write, ClassBlock, BNNeck, unwrap_model, inference_model
+from .model import (ReIDModel, create_reid_model, atomic_write, read_checkpoint, ClassBlock, BNNeck, unwrap_model,
+                                     inference_model)
 from .backbones import create_backbone, resnet_archs
-from .data import reid_item_tfms, reid_batch_tfms, find_bad_images
+from .data import reid_size, input_size, reid_item_tfms, reid_batch_tfms, find_bad_images
 from .checks import check_int, check_option, check_id_column
 from .metrics import reid_dist, reid_dist_names, torch_threads
 from .learner import show_framed_image
-from .experiment import read_checkpoint
 
 # %% auto #0
 __all__ = ['save_reid', 'checkpoint_to_reid', 'ReIDFeatures', 'ReIDPredictor', 'load_reid', 'ReIDIndex', 'export_onnx']
@@ -76,21 +76,23 @@ def _head_config(model:ReIDModel) -> dict:
     if isinstance(h, BNNeck): return dict(neck='bnneck')
     raise ValueError(f"the model's head is a {type(h).__name__}: export_reid knows ClassBlock and BNNeck heads")
 
-def _preprocessing(tfms:list) -> dict:
-    "Size, resize method and normalisation of the test-time transforms `tfms` (those not restricted to training)"
+def _preprocessing(tfms:list, size:tuple) -> dict:
+    "Input `size`, resize method and normalisation of the test-time transforms `tfms` (those not restricted to training)"
     tfms = [t for t in tfms if getattr(t, 'split_idx', None) != 0]
     rs,ns = [t for t in tfms if isinstance(t, Resize)],[t for t in tfms if isinstance(t, Normalize)]
     other = [type(t).__name__ for t in tfms if not isinstance(t, (Resize, Normalize, ToTensor, IntToFloatTensor))]
     if len(rs) != 1 or len(ns) > 1 or other: raise ValueError(
         f"the test-time transforms must be one Resize, then at most one Normalize (as reid_dls makes them); got {[type(t).__name__ for t in tfms]}")
     r,(mean,std) = rs[0],((ns[0].mean.flatten().tolist(), ns[0].std.flatten().tolist()) if ns else ([0.]*3, [1.]*3))
-    return dict(size=[int(r.size[1]), int(r.size[0])], resize=dict(method=str(r.method), pad_mode=str(r.pad_mode),
+    if Resize(size).size != r.size: raise ValueError(f"size={tuple(size)} is not the size the Resize of the test-time transforms resizes to: "
+                                                     "pass the size the model takes, as `input_size(dls)` gives it")
+    return dict(size=[int(s) for s in size], resize=dict(method=str(r.method), pad_mode=str(r.pad_mode),
                 resample=Image.Resampling(r.resamples[0]).name.lower()), mean=mean, std=std)
 
-def _model_config(model:ReIDModel, tfms:list, flip:bool, normalize:bool) -> dict:
+def _model_config(model:ReIDModel, tfms:list, size:tuple, flip:bool, normalize:bool) -> dict:
     "Everything but the weights that `load_reid` needs to compute the features of `model` preprocessed by `tfms`"
     return dict(arch=model.arch or _arch_of(model.backbone.state_dict()), blocks=model.blocks, n_ids=model.n_ids, feat_dim=model.feat_dim,
-                pool=model.pool_name, last_stride=model.last_stride, head=_head_config(model), **_preprocessing(tfms),
+                pool=model.pool_name, last_stride=model.last_stride, head=_head_config(model), **_preprocessing(tfms, size),
                 feature=dict(output='neck' if model.neck_feat else 'pooled', flip=bool(flip), normalize=bool(normalize)))
 
 # %% ../nbs/09_inference.ipynb #057f35e8
@@ -107,14 +109,14 @@ def _fingerprint(state:dict, config:dict) -> str:
 def save_reid(model, # a `ReIDModel` (possibly wrapped)
               fname, # the file to write (atomically)
               tfms:list=None, # test-time transforms (default: `reid_dls`'s for `size`)
-              size:tuple=(256, 128), # input size `(height, width)`, when `tfms` is None
+              size:tuple=reid_size, # input size `(height, width)` the model takes: that of the default `tfms`, and of the given ones
               flip:bool=True, # features add those of the horizontally flipped image
               normalize:bool=True, # features are L2-normalised
              ) -> Path:
     "Write the weights of `model` (safetensors) with a JSON description of its features and preprocessing, for `load_reid`"
     m = unwrap_model(model)
     if not isinstance(m, ReIDModel): raise ValueError(f"model: expected a ReIDModel, got {type(m).__name__}")
-    config = _model_config(m, ifnone(tfms, reid_item_tfms(tuple(size), flip=False) + reid_batch_tfms()), flip, normalize)
+    config = _model_config(m, ifnone(tfms, reid_item_tfms(tuple(size), flip=False) + reid_batch_tfms()), size, flip, normalize)
     state = {k:(v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous() for k,v in m.state_dict().items()}
     return _write_tensors(fname, state, 'model', config=json.dumps(config), fingerprint=_fingerprint(state, config))
 
@@ -128,7 +130,7 @@ def export_reid(self:Learner, fname='model.reid', # file to write (atomically), 
     fname = Path(self.path)/fname
     if rank_distrib(): return fname  # under DDP only the first process writes
     dl = ifnone(getattr(self.dls, 'query', None), self.dls.valid)  # the test-time pipeline `reid_features` sees
-    return save_reid(self.model, fname, list(dl.after_item.fs) + list(dl.after_batch.fs), flip=flip, normalize=normalize)
+    return save_reid(self.model, fname, list(dl.after_item.fs) + list(dl.after_batch.fs), input_size(self.dls), flip=flip, normalize=normalize)
 
 # %% ../nbs/09_inference.ipynb #7f9d8931
 def checkpoint_to_reid(checkpoint, # a file written by `save_checkpoint` (e.g. `train`'s `out/model.pth`)
@@ -202,11 +204,6 @@ class _Images(Dataset):
     def __getitem__(self, i): return image2tensor(self.resize(_rgb_image(self.items[i], f'images[{i}]'), split_idx=1))
 
 # %% ../nbs/09_inference.ipynb #188b4059
-def _check_threads(threads):
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
-        raise ValueError(f"threads={threads!r}: expected None (torch's setting) or an int >= 1")
-    return threads
-
 def _autocast_dtype(device:torch.device, fp16:bool):
     "The dtype `ReIDPredictor` autocasts to on `device` (None: float32), or a `ValueError` when `fp16` cannot be used there"
     if fp16 and device.type != 'cuda': raise ValueError(f"fp16=True: half precision runs on a CUDA device, not on {device}")
@@ -226,7 +223,7 @@ class ReIDPredictor:
                  fp16:bool=False, # autocast to float16 on a CUDA device: faster, features less exact
                 ):
         store_attr('config,fingerprint,path,fold_bn,channels_last,fuse_relu')
-        self.device,self.threads = torch.device(ifnone(device, default_device())),_check_threads(threads)
+        self.device,self.threads = torch.device(ifnone(device, default_device())),threads if threads is None else check_int(threads, 'threads', 1)
         self.autocast = _autocast_dtype(self.device, fp16)
         feat,r = config['feature'],config['resize']
         self.net = ReIDFeatures(inference_model(model, fold_bn, channels_last, fuse_relu), config['mean'], config['std'], feat['flip'],

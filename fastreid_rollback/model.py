@@ -16,13 +16,13 @@ from fastcore.basics import store_attr, listify
 from fastai.torch_core import Module
 from fastai.callback.hook import num_features_model
 from .backbones import (create_backbone, backbone_blocks, check_block_cover, set_last_stride, reid_pool, reid_pools,
-                                         load_backbone_weights, tv_families, TorchvisionBody)
+                                         load_backbone_weights, load_state_file, tv_families, TorchvisionBody)
 from .checks import check_int, check_keys
 
 # %% auto #0
-__all__ = ['atomic_write', 'atomic_save', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel', 'create_reid_model',
-           'unwrap_model', 'block_names', 'block_modules', 'block_state', 'load_block_state', 'snapshot_blocks',
-           'reid_splitter', 'save_backbone', 'batch_hard_triplet', 'ReIDLoss', 'inference_model']
+__all__ = ['atomic_write', 'atomic_save', 'read_checkpoint', 'ClassBlock', 'ChannelScale', 'BNNeck', 'ReIDModel',
+           'create_reid_model', 'unwrap_model', 'block_names', 'block_modules', 'block_state', 'load_block_state',
+           'snapshot_blocks', 'reid_splitter', 'save_backbone', 'batch_hard_triplet', 'ReIDLoss', 'inference_model']
 
 # %% ../nbs/03_model.ipynb #bfac9a4f
 def _check_file_path(path:Path):
@@ -55,6 +55,16 @@ def atomic_save(obj, # anything `torch.save` takes
                ):
     "`torch.save` `obj` to `path` through a temporary file in the same folder (`atomic_write`), so `path` is never half-written"
     return atomic_write(path, partial(torch.save, obj))
+
+def read_checkpoint(path:str|Path, # a file written by `save_checkpoint`
+                   ) -> dict: # {'model': state dict, 'opt': optimizer state or None, 'meta': dict}
+    "Read and check a checkpoint written by `save_checkpoint`"
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    state = load_state_file(path, f"checkpoint {str(path)!r}")
+    if not {'model', 'opt', 'meta'} <= set(state) or not isinstance(state['meta'], dict):
+        raise ValueError(f"{str(path)!r} is not a checkpoint written by save_checkpoint (expected keys 'model', 'opt', 'meta')")
+    return state
 
 # %% ../nbs/03_model.ipynb #57c1e605
 class ClassBlock(Module):

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from .checks import check_int
+from .layout import market1501_dirs  # the readers' layout, which the dataset is written in
 
 # %% auto #0
-__all__ = ['market1501_dirs', 'synthetic_reid']
+__all__ = ['synthetic_reid']
 
 # %% ../nbs/01_synthetic.ipynb #11cce893
 _CLOTH = np.array([[30,30,32],[225,225,220],[128,128,128],[35,45,90],[50,90,170],[120,160,210],[180,40,40],
@@ -173,8 +174,6 @@ def _render(idt:dict, cam:dict, rng:np.random.Generator, size:tuple, visible:boo
     return _shift_pixels(img, cam['shift'], rng) if 'shift' in cam else img
 
 # %% ../nbs/01_synthetic.ipynb #1f56c4a5
-market1501_dirs = {'train': 'bounding_box_train', 'query': 'query', 'gallery': 'bounding_box_test'}  # Market-1501's folder of each split, written here, read by the readers in `data`
-
 def _market_name(pid:int, cam:int, seq:int, frame:int, box:int) -> str:
     "Market-1501 file name of one box"
     return f"{'-1' if pid==-1 else f'{pid:04d}'}_c{cam}s{seq}_{frame:06d}_{box:02d}.jpg"

@@ -349,3 +349,10 @@ def test_train_lr_default_is_the_reference():
     from fastreid_rollback.cli import train
     from fastreid_rollback.learner import reference_lr
     assert inspect.signature(train).parameters['lr'].default == reference_lr
+
+def test_train_size_default_is_the_library_one():
+    "The CLI writes the default input size out (its --help imports no torch): it is `reid_size`"
+    import inspect
+    from fastreid_rollback.cli import train
+    from fastreid_rollback.data import reid_size
+    assert inspect.signature(train).parameters['size'].default == reid_size

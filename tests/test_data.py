@@ -496,3 +496,15 @@ def test_msmt_odd_lines_named(lines):
         try: msmt17(root)
         except ValueError as e: assert 'list_gallery.txt' in str(e) and re.search(r'line \d+', str(e))
         except FileNotFoundError as e: assert 'list_gallery.txt' in str(e)
+
+def test_input_size(small):
+    "`reid_dls` records its input size; `input_size` reads it, else the one test-time `Resize`, else says how to set it"
+    from fastai.data.core import DataLoaders
+    from fastai.vision.augment import Resize
+    dls = reid_dls(small, size=(32, 16), bs=4)
+    assert dls.size == input_size(dls) == (32, 16)
+    assert input_size(DataLoaders(*dls.loaders[:2])) == (32, 16)
+    assert reid_dls(small, item_tfms=[Resize((24, 12))], bs=4).size is None
+    assert input_size(reid_dls(small, item_tfms=[Resize((24, 12))], bs=4)) == (24, 12)
+    with pytest.raises(ValueError, match=re.escape('set dls.size = (height, width)')): input_size(reid_dls(small, item_tfms=[], bs=4))
+    assert reid_dls(small, bs=4).size == reid_size

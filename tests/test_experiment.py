@@ -8,7 +8,7 @@ from fastreid_rollback.data import market1501, reid_dls
 from fastreid_rollback.model import create_reid_model, save_backbone
 from fastreid_rollback.test_utils import make_pretrained, StopAfter
 from fastreid_rollback.rollback import RollbackCallback
-from fastreid_rollback.experiment import (read_checkpoint, source_backbone, rollback_cache, train_arm, train_reid, compare_rollback, arm_names, run_record,
+from fastreid_rollback.experiment import (read_checkpoint, source_backbone, rollback_cache, train_arm, arm_periods, train_reid, compare_rollback, arm_names, run_record,
                                           EpochLosses, paired_difference, decide, plateau_epoch, block_weight_change, fork_run, PeriodWeightChange,
                                           converged_period)
 
@@ -175,3 +175,8 @@ def test_plateau_epoch():
     assert plateau_epoch([4., 2., 1.2, 1.05, 1.], frac=0.25) == 3
     assert plateau_epoch([4., 2., 1.2, 1.05, 1.], frac=0.5) == 2
     with pytest.raises(ValueError, match='losses'): plateau_epoch([1.])
+
+def test_arm_periods():
+    "Every arm trains the same total epochs, the baseline in one period"
+    assert {a: arm_periods(a, 4, 40) for a in arm_names} == {'baseline': (1, 160), 'control': (4, 40), 'rollback': (4, 40)}
+    with pytest.raises(ValueError, match="arm='other': expected one of"): arm_periods('other', 4, 40)

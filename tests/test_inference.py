@@ -19,6 +19,14 @@ def run_python(code, *args):
     return subprocess.run([sys.executable, '-W', 'ignore', '-c', textwrap.dedent(code), *map(str, args)],
                           capture_output=True, text=True, timeout=600)
 
+def test_inference_does_not_import_training_code():
+    "The deployment path reads checkpoints (`read_checkpoint`, in `model`) without importing the training code of `experiment`"
+    p = run_python("""
+        import sys, fastreid_rollback.inference
+        print('fastreid_rollback.experiment' in sys.modules)""")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ['False']
+
 @pytest.fixture(scope='module')
 def df(tmp_path_factory):
     root = synthetic_reid(tmp_path_factory.mktemp('data'), n_ids=16, n_cams=2, imgs_per_id_cam=2, size=(64, 32), n_distractors=3, n_junk=2)
@@ -121,7 +129,7 @@ def test_fast_options_give_the_plain_features(model_file, df, kw):
 def test_predictor_options_errors(model_file):
     with pytest.raises(ValueError, match='fp16=True: half precision runs on a CUDA device'): load_reid(model_file, device='cpu', fp16=True)
     for t in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match=f'threads={t!r}: expected None'): load_reid(model_file, threads=t)
+        with pytest.raises(ValueError, match=rf'threads must be (an int|>= 1), got {t!r}'): load_reid(model_file, threads=t)
 
 def test_learner_features_fast_leave_the_model_as_it_was(learn):
     "`reid_features` runs a folded, fused copy: the plain features, and the Learner's model untouched (weights, BatchNorms, mode)"
@@ -334,3 +342,11 @@ def test_damaged_faiss_index_in_a_saved_index(untrained, df, tmp_path):
                    **{k: v for k,v in meta.items() if k not in ('format', 'format_version', 'library_version')})
     with pytest.raises(ValueError, match=r"index '.*bad.idx': its FAISS index cannot be read \(.*\): build the index again"):
         ReIDIndex.load(tmp_path/'bad.idx', model=untrained)
+
+def test_save_reid_size_is_the_resize_one(learn, tmp_path):
+    "The size a model file records is the one its transforms resize to: a `size` that is not is refused"
+    from fastreid_rollback.inference import save_reid
+    from fastreid_rollback.data import reid_item_tfms, reid_batch_tfms
+    tfms = reid_item_tfms((64, 32), flip=False) + reid_batch_tfms()
+    with pytest.raises(ValueError, match=r'size=\(32, 16\) is not the size the Resize'): save_reid(learn.model, tmp_path/'m.reid', tfms, size=(32, 16))
+    assert load_reid(save_reid(learn.model, tmp_path/'m.reid', tfms, size=(64, 32))).size == (64, 32)
