@@ -345,12 +345,9 @@ def plot_all(records, settings, cfg, period, images, prefix='evidence'):
     fig.tight_layout(); save(fig, 'block_grads')
 
 def write_json(doc, fn):
-    "Write `doc` to `fn` atomically"
-    fn.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=fn.parent, prefix=f'.{fn.name}.')
-    with os.fdopen(fd, 'w') as f: json.dump(doc, f, indent=1)
-    m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)
-    os.replace(tmp, fn)
+    "Write `doc` to `fn` atomically (the library's `atomic_write`)"
+    from fastreid_rollback.model import atomic_write
+    atomic_write(fn, lambda f: f.write(json.dumps(doc, indent=1).encode()))
 
 def merge_previous(docs, common, out):
     "The results file: the synthetic source at the top level (the shape of issue 11's study) and every source under `sources`; the sources an earlier run wrote to `out` and this one did not redo are kept (each source's doc has its own `config` and `timings_s`)"
