@@ -226,6 +226,8 @@ def index_images(model:str=None, # a model file written by `export`
                  workers:int=0, # processes reading the images
                  faiss:store_true=False, # search with FAISS (pip install 'fastreid-rollback[faiss]')
                  skip_bad_images:store_true=False, # leave out the images that cannot be read (named on stderr) instead of stopping at the first
+                 threads:int=None, # CPU threads of the feature extraction (default: torch's)
+                 fp16:store_true=False, # half precision, on a CUDA GPU only
                 ):
     "Compute the features of a folder of gallery images and save them as an index for `search`"
     _required(model, '--model', 'a model file written by export')
@@ -234,7 +236,7 @@ def index_images(model:str=None, # a model file written by `export`
     from fastreid_rollback.inference import load_reid, ReIDIndex
     with warnings.catch_warnings(record=True) as skipped:
         warnings.simplefilter('always')
-        index = ReIDIndex.build(load_reid(model), images, bs=bs, num_workers=workers, backend='faiss' if faiss else 'exact',
+        index = ReIDIndex.build(load_reid(model, threads=threads, fp16=fp16), images, bs=bs, num_workers=workers, backend='faiss' if faiss else 'exact',
                                 on_bad_image='skip' if skip_bad_images else 'raise')
     for w in skipped: print(f"fastreid-rollback index: {w.message}", file=sys.stderr)
     print(f"Indexed {len(index)} images of {images} in {index.save(out)}")

@@ -283,6 +283,7 @@ def inference_files(reid_files, tmp_path_factory):
     (['export', '--checkpoint', '{garbage}'], 'garbage.bin'),
     (['index', '--model', '{garbage}', '--images', '{data}'], 'garbage.bin'),
     (['index', '--model', '{model}', '--images', '/nonexistent/gallery'], '/nonexistent/gallery'),
+    (['index', '--model', '{model}', '--images', '{data}', '--threads', '0'], 'threads must be >= 1, got 0'),
     (['search', '--index', '{index}', '--query', '{bad}'], 'bad.jpg'),
     (['search', '--index', '{index}', '--query', '{query}', '--model', '{other}'], 'built with another model'),
     (['search', '--index', '{index}'], '--query'),
@@ -310,7 +311,16 @@ def test_index_uses_the_fast_path(inference_files, tmp_path):
     assert p.fold_bn and p.channels_last and p.fuse_relu and any(isinstance(m, _ConvAct) for m in p.net.modules())
     plain = load_reid(inference_files['model'], fold_bn=False, channels_last=False, fuse_relu=False)(idx.paths)
     assert (idx.feats - plain).abs().max() < 1e-4
+    one = index_images(model=str(inference_files['model']), images=str(inference_files['data']/'bounding_box_test'), out=str(tmp_path/'g1.idx'), threads=1)
+    assert one.predictor.threads == 1 and (one.feats - idx.feats).abs().max() < 1e-5   # --threads: the same features
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='fp16 runs where there is a CUDA GPU')
+def test_index_fp16_needs_a_gpu(inference_files, tmp_path):
+    "index --fp16 without a CUDA GPU: one line naming fp16 and the device, exit status 2, no index written"
+    p = cli('index', '--model', inference_files['model'], '--images', inference_files['data']/'bounding_box_test', '--out', tmp_path/'g.idx', '--fp16')
+    assert p.returncode == 2 and 'fp16=True: half precision runs on a CUDA device, not on cpu' in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path/'g.idx').exists()
 
 def test_index_skip_bad_images(inference_files, tmp_path):
     "index --skip-bad-images leaves a broken link out and names it on stderr; without it, the error names the link as it is in the folder"
