@@ -388,40 +388,49 @@ def _fold_batchnorms(model:nn.Module) -> nn.Module:
 _acts = {nn.ReLU: ('relu', []), nn.ReLU6: ('hardtanh', [0., 6.])}  # oneDNN's name and scalars of each activation
 
 class _ConvAct(Module):
-    "`act(conv(x) + other)` (`other` optional): one oneDNN call on a CPU in float32 without autograd, else the separate layers"
-    def __init__(self, conv:nn.Conv2d, act:nn.Module): self.conv,self.act = conv,act
+    "`act(conv(x) + other)` (`other` and `act` optional, not both absent): one oneDNN call on a CPU in float32 without autograd, else the separate layers"
+    def __init__(self, conv:nn.Conv2d, act:nn.Module=None): self.conv,self.act = conv,act
     def _onednn(self, x):
         return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling())  # `export_onnx` and `torch.compile` see the layers
     def forward(self, x, other=None):
-        if not self._onednn(x): return self.act(self.conv(x) if other is None else self.conv(x) + other)
-        c,(name,scalars) = self.conv,_acts[type(self.act)]
+        if not self._onednn(x):
+            y = self.conv(x) if other is None else self.conv(x) + other
+            return y if self.act is None else self.act(y)
+        c,(name,scalars) = self.conv,_acts[type(self.act)] if self.act is not None else (None, [])
         args = (c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups)
         if other is None: return torch.ops.mkldnn._convolution_pointwise(x, *args, name, scalars, '')
         return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, *args, 'add', 1.0, name, scalars, '')  # into `other`
 
 _fresh = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.MaxPool2d, nn.AvgPool2d)  # layers whose output is a new tensor, never a view of their input
 
+def _is_add(n) -> bool:
+    "Is fx node `n` the sum of two tensors?"
+    return (isinstance(n, torch.fx.Node) and n.op == 'call_function' and n.target in (operator.add, operator.iadd, torch.add)
+            and len(n.args) == 2 and not n.kwargs)
+
 def _conv_act_sites(g:torch.fx.Graph, mods:dict) -> list:
-    "`(act node, add node or None, conv node, other input or None)` of each activation that reads only a convolution, or its sum with a tensor dead after"
+    """`(act node or None, add node or None, conv node, other input or None)` of each activation that reads only a convolution,
+    or its sum with a tensor dead after (ReLU only: oneDNN applies no other activation after a sum); failing those, of each such sum
+    (MobileNetV2's `x + conv(...)`)"""
     calls,order = Counter(n.target for n in g.nodes if n.op == 'call_module'),{n:i for i,n in enumerate(g.nodes)}
     is_mod = lambda n,t: isinstance(n, torch.fx.Node) and n.op == 'call_module' and isinstance(mods[n.target], t)
     conv = lambda n: (is_mod(n, nn.Conv2d) and calls[n.target] == 1 and len(n.users) == 1 and mods[n.target].padding_mode == 'zeros'
                       and not isinstance(mods[n.target].padding, str))
+    def summand(s):
+        "`(conv node, other)` of a sum `s` of a convolution and a fresh tensor that nothing reads after `s` (oneDNN writes the sum into it)"
+        return next(((c,o) for c,o in (s.args, s.args[::-1]) if conv(c) and is_mod(o, _fresh + (_ConvAct,))
+                     and all(order[u] < order[s] for u in o.users if u is not s)), None)
     sites = []
     for n in g.nodes:
         if not is_mod(n, tuple(_acts)): continue
         s = n.args[0]
-        if conv(s): sites.append((n, None, s, None)); continue
-        if not (isinstance(s, torch.fx.Node) and s.op == 'call_function' and s.target in (operator.add, operator.iadd, torch.add)
-                and len(s.args) == 2 and not s.kwargs and len(s.users) == 1): continue
-        for c,o in (s.args, s.args[::-1]):
-            if conv(c) and is_mod(o, _fresh + (_ConvAct,)) and all(order[u] < order[s] for u in o.users if u is not s):  # `other` is overwritten
-                sites.append((n, s, c, o)); break
-    return sites
+        if conv(s): sites.append((n, None, s, None))
+        elif is_mod(n, nn.ReLU) and _is_add(s) and len(s.users) == 1 and (site := summand(s)): sites.append((n, s, *site))
+    return sites or [(None, s, *site) for s in g.nodes if _is_add(s) and (site := summand(s))]
 
 def _fuse_conv_acts(model:nn.Module) -> nn.Module:
-    "`model` with each convolution that only feeds a ReLU/ReLU6 (directly or through a residual addition) fused with it (`_ConvAct`)"
+    "`model` with each convolution that only feeds a ReLU/ReLU6 (directly, or a ReLU through a residual addition), or only a residual addition, fused with it (`_ConvAct`)"
     try: gm = torch.fx.symbolic_trace(model)
     except Exception:  # control flow on tensors: the children one by one
         for n,c in list(model.named_children()): setattr(model, n, _fuse_conv_acts(c))
@@ -430,10 +439,10 @@ def _fuse_conv_acts(model:nn.Module) -> nn.Module:
         n.replace_all_uses_with(n.args[0]); gm.graph.erase_node(n)  # the folded BatchNorms
     while sites := _conv_act_sites(gm.graph, mods := dict(gm.named_modules())):  # one at a time: a site's `other` may be the activation of the one before
         act,add,conv,other = sites[0]
-        name = conv.target.replace('.', '_') + '_act'
-        gm.add_submodule(name, _ConvAct(mods[conv.target], mods[act.target]))
-        with gm.graph.inserting_after(act): new = gm.graph.call_module(name, (conv.args[0],) + ((other,) if add else ()))
-        act.replace_all_uses_with(new)
+        name,last = conv.target.replace('.', '_') + ('_act' if act else '_add'),act or add
+        gm.add_submodule(name, _ConvAct(mods[conv.target], mods[act.target] if act else None))
+        with gm.graph.inserting_after(last): new = gm.graph.call_module(name, (conv.args[0],) + ((other,) if add else ()))
+        last.replace_all_uses_with(new)
         for o in (act, add, conv):
             if o is not None: gm.graph.erase_node(o)
     gm.graph.lint(); gm.delete_all_unused_submodules(); gm.recompile()
@@ -442,7 +451,7 @@ def _fuse_conv_acts(model:nn.Module) -> nn.Module:
 def inference_model(model:nn.Module, # a model, possibly wrapped (`unwrap_model`); left as it is
                     fold_bn:bool=True, # fold each BatchNorm that only follows a convolution into that convolution
                     channels_last:bool=True, # store the 4-d weights channels-last
-                    fuse_relu:bool=True, # a convolution (+ residual) followed by a ReLU or ReLU6 as one oneDNN call (CPU, float32, no autograd)
+                    fuse_relu:bool=True, # a convolution followed by a ReLU or ReLU6, or by a residual sum (and a ReLU), as one oneDNN call (CPU, float32, no autograd)
                    ) -> nn.Module:
     "An eval-mode copy of `model` that computes the same outputs faster, for inference only (it has no BatchNorm to train)"
     m = _inference_copy(unwrap_model(model)).eval().requires_grad_(False)
