@@ -26,9 +26,9 @@ def api_headings(page):
 
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-    "The site of three real notebooks (the index, the metrics and the rolling back), the images, and a stub of the page rollback links to"
+    "The site of four real notebooks (the index, the metrics, the retrieval and the rolling back), the images, and a stub of the page rollback links to"
     nbs, out = tmp_path_factory.mktemp('nbs'), tmp_path_factory.mktemp('site')
-    for n in ('index.ipynb', '00_metrics.ipynb', '05_rollback.ipynb'): shutil.copy(root/'nbs'/n, nbs/n)
+    for n in ('index.ipynb', '00_metrics.ipynb', '00a_retrieval.ipynb', '05_rollback.ipynb'): shutil.copy(root/'nbs'/n, nbs/n)   # retrieval: metrics links to it
     write_nb(nbs/'method.ipynb', new_markdown_cell('# The method'), new_markdown_cell('## The schedule\n\nPeriods.'))   # where rollback links to
     shutil.copytree(root/'nbs'/'images', nbs/'images')
     return out, docs.build(nbs, out, log=quiet)
@@ -36,7 +36,7 @@ def site(tmp_path_factory):
 def test_pages_navigation_and_images(site):
     out, bad = site
     assert bad == []
-    assert sorted(p.name for p in out.glob('*.html')) == ['index.html', 'method.html', 'metrics.html', 'rollback.html']
+    assert sorted(p.name for p in out.glob('*.html')) == ['index.html', 'method.html', 'metrics.html', 'retrieval.html', 'rollback.html']
     index, metrics = (out/'index.html').read_text(), (out/'metrics.html').read_text()
     assert '<h1 class="title">fastreid_rollback</h1>' in index and 'src="images/cmc.png"' in index and (out/'images'/'cmc.png').is_file()
     for page in (index, metrics): assert 'href="index.html"' in page and 'href="metrics.html"' in page and 'site.css' in page
