@@ -309,17 +309,17 @@ def plot_all(records, settings, cfg, period, images, prefix='evidence'):
     from fastreid_rollback.rollback import plot_block_grads
     images.mkdir(parents=True, exist_ok=True)
     def save(fig, name): fig.savefig(images/f'{prefix}_{name}.png', dpi=90, bbox_inches='tight'); plt.close(fig)
-    fig, axs = plt.subplots(1, 2*len(settings), figsize=(5*2*len(settings), 3.8), squeeze=False)
+    fig, axs = plt.subplots(len(settings), 2, figsize=(11, 3.8*len(settings)), squeeze=False)   # a row per setting: readable on a page
     colours = {'baseline': 'C0', 'control': 'C1', 'rollback': 'C2', 'period1': 'C3'}
     for j, (st, res) in enumerate(settings.items()):
-        ax = axs[0, 2*j]
+        ax = axs[j, 0]
         x = np.arange(1, cfg['n_periods']+1)*period
         for a in ARMS:
             v = np.array(res['mAP_at_period_ends'][a])
             ax.plot(x, v, color=colours[a], alpha=0.25)
             ax.plot(x, v.mean(1), color=colours[a], marker='o', label=a)
         ax.set_xlabel('epoch'); ax.set_ylabel('test mAP'); ax.set_title(f'{st}: mAP at each period end (mean, seeds faint)', fontsize=9); ax.legend(fontsize='small')
-        ax = axs[0, 2*j+1]
+        ax = axs[j, 1]
         names = ['period1', *ARMS]
         for s in range(len(cfg['seeds'])): ax.plot(names, [res[a]['mAP'][s] for a in names], color='grey', alpha=0.4, marker='.')
         for i, a in enumerate(names): ax.plot([i], [res[a]['mAP_mean']], 'o', color=colours[a], ms=9)
@@ -327,7 +327,8 @@ def plot_all(records, settings, cfg, period, images, prefix='evidence'):
     fig.tight_layout(); save(fig, 'map')
     st, s0 = next(iter(settings)), cfg['seeds'][0]
     blocks = blocks_of(records[('baseline', st, s0)])
-    fig, axs = plt.subplots(1, 5, figsize=(27, 4))
+    fig, axs = plt.subplots(2, 3, figsize=(17, 8))
+    axs = axs.flatten(); axs[5].remove()
     for ax, a in zip(axs, ARMS):
         r = records[(a, st, s0)]
         plot_block_grads(pd.DataFrame({b: r['block_grads'][b] for b in [*blocks, 'head']}), r['rollback_epochs'], ax=ax)
@@ -343,6 +344,16 @@ def plot_all(records, settings, cfg, period, images, prefix='evidence'):
     ax.axhline(1, color='k', lw=0.5); ax.set_xlabel('epoch'); ax.legend(fontsize='small')
     ax.set_title('rollback / control, per block (same LRs)', fontsize=9)
     fig.tight_layout(); save(fig, 'block_grads')
+
+def replot(out, images):
+    "Draw the plots of every source of the results file `out` again from the records it holds (no training)"
+    doc = json.loads(Path(out).read_text())
+    for n, d in doc['sources'].items():
+        runs = doc['runs'] if d['runs'] == 'see the top-level runs' else d['runs']
+        records = {(kind, st, int(s[len('seed'):])): r for k, r in runs.items() for st, kind, s in [k.split('/')]}
+        plot_all(records, d['settings'], d['config'], d['epochs_per_period'], Path(images), prefix=PREFIX[n])
+    periods = {n: d['period_len'] for n, d in doc['sources'].items()}
+    plot_period_rule({n: p['curve'] for n, p in periods.items()}, periods, Path(images)/'evidence_period_rule.png')
 
 def write_json(doc, fn):
     "Write `doc` to `fn` atomically (the library's `atomic_write`)"
@@ -382,6 +393,7 @@ def parse_args(argv=None):
     p.add_argument('--probe-only', action='store_true', help="stop after the period probe: write its curves, the rule's period and the time a converged study needs to --out")
     p.add_argument('--probe-from', default=None, metavar='JSON',
                    help="take the probe curves of a --probe-only run's JSON instead of probing again (checked: same configuration and zero-shot mAPs)")
+    p.add_argument('--replot', action='store_true', help='only draw the plots again from the records in --out (no training)')
     p.add_argument('--data', default=None, help='folder for the target datasets and checkpoints (default: a temporary folder)')
     p.add_argument('--out', default=None, help='the JSON file (default: benchmarks/results/rollback_evidence.json; with --small a temporary file)')
     p.add_argument('--images', default=None, help='folder of the plots (default: nbs/images; with --small next to --out)')
@@ -390,6 +402,7 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     _quiet()
+    if a.replot: return replot(Path(a.out) if a.out else ROOT/'benchmarks'/'results'/'rollback_evidence.json', Path(a.images) if a.images else ROOT/'nbs'/'images')
     import torch
     from fastreid_rollback.experiment import converged_period, decision_rule
     cfg = SMALL if a.small else CONFIG

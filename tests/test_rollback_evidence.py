@@ -86,3 +86,10 @@ def test_reuse_probes(ev, tmp_path):
     with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, cfg, {'a': {**srcs['a'], 'size': [128, 64]}}, zs)
     with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, cfg, srcs, {'a': {0.: {'mAP': .31}, 1.0: {'mAP': .2}}})
     with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, {**cfg, 'probe_epochs': 6}, srcs, zs)
+
+def test_replot_from_the_results_file(ev, tmp_path):
+    "--replot draws every source's plots again from the records the results file holds, without training"
+    ev.replot(root/'benchmarks'/'results'/'rollback_evidence.json', tmp_path)
+    doc = json.loads((root/'benchmarks'/'results'/'rollback_evidence.json').read_text())
+    want = {'evidence_period_rule.png', *(f'{ev.PREFIX[n]}_{k}.png' for n in doc['sources'] for k in ('map', 'block_grads'))}
+    assert {p.name for p in tmp_path.glob('*.png')} == want and all((tmp_path/f).stat().st_size > 10_000 for f in want)
