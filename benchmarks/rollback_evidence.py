@@ -197,7 +197,7 @@ def budget_period(cfg, timing, sources, seconds_left, workers):
     return P, cost(P, cfg, timing, sources)/(0.9*workers)
 
 def reuse_probes(fn, cfg, srcs, zero_shots) -> dict:
-    """The probe curves, per source, of a `--probe-only` run's JSON `fn` whose configuration is this run's: same batch size,
+    """The probe curves, per source, of an earlier run's JSON `fn` (`--probe-only` or a full run) whose configuration is this run's: same batch size,
     LR, target, first seed, architecture, input size and probe length, and the same zero-shot mAPs (so the same shift and
     the same pre-trained weights). Probes are seeded and single-threaded: rerunning one gives the same curves"""
     prev = json.loads(Path(fn).read_text())
@@ -392,7 +392,7 @@ def parse_args(argv=None):
                    help='epochs of the period probe, which can find any period up to N/2 (default: 32 for synthetic, 80 for imagenet_mobilenet_v2)')
     p.add_argument('--probe-only', action='store_true', help="stop after the period probe: write its curves, the rule's period and the time a converged study needs to --out")
     p.add_argument('--probe-from', default=None, metavar='JSON',
-                   help="take the probe curves of a --probe-only run's JSON instead of probing again (checked: same configuration and zero-shot mAPs)")
+                   help="take the probe curves from an earlier run's JSON (--probe-only or a full run) instead of probing again (checked: same configuration and zero-shot mAPs)")
     p.add_argument('--replot', action='store_true', help='only draw the plots again from the records in --out (no training)')
     p.add_argument('--data', default=None, help='folder for the target datasets and checkpoints (default: a temporary folder)')
     p.add_argument('--out', default=None, help='the JSON file (default: benchmarks/results/rollback_evidence.json; with --small a temporary file)')
@@ -461,7 +461,7 @@ def main(argv=None):
     probes = run_all([{**base(n, st), 'kind': 'probe', 'seed': cfg['seeds'][0], 'period': probe_len(cfg, n)} for n in todo for st in srcs[n]['settings']], a.workers)
     curve = lambda r: {'val_mAP': [r['evals'][e]['mAP'] for e in sorted(r['evals'])], 'train_loss': r['epoch_loss']}
     curves, periods = {**reused, **{n: {st: curve(probes[(n, 'probe', st, cfg['seeds'][0])]) for st in srcs[n]['settings']} for n in todo}}, {}
-    of = lambda n: 'the probe: seed 0, the baseline at its first (constant) LR, test mAP after each epoch' + (f'; from the --probe-only run {Path(a.probe_from).name}' if n in reused else '')
+    of = lambda n: 'the probe: seed 0, the baseline at its first (constant) LR, test mAP after each epoch' + (f'; reused from the earlier run that wrote {Path(a.probe_from).name}' if n in reused else '')
     for n in names:
         got = {st: converged_period(c['val_mAP'], c['train_loss'], cfg['mAP_tol'], cfg['loss_tol'], cfg['min_period']) for st, c in curves[n].items()}
         rule = max(got.values()) if all(v is not None for v in got.values()) else None
