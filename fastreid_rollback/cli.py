@@ -277,7 +277,8 @@ def _flag(p, k, d):
     "Add to parser `p` the flag of parameter `k` from its `docments` entry `d` (annotation, default, comment)"
     if d.anno in (store_true, bool): return p.add_argument(f"--{k.replace('_', '-')}", dest=k, action='store_true', help=d.docment)
     default = '' if d.default is None else f" (default: {' '.join(map(str, d.default)) if isinstance(d.default, tuple) else d.default})"
-    p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=_nargs.get(k, (None, d.anno))[1], default=d.default, nargs=_nargs.get(k, (None,))[0], help=f"{d.docment or ''}{default}")
+    nargs,typ = _nargs.get(k, (None, d.anno))
+    p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=typ, default=d.default, nargs=nargs, help=f"{d.docment or ''}{default}")
 
 def _parser(cmd):
     "argparse parser of sub-command `cmd`: a flag per parameter of its function, documented by the parameter's comment"
