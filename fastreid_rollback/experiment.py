@@ -259,7 +259,7 @@ def train_arm(dls, # `reid_dls` DataLoaders (with query and gallery)
     "One arm of the comparison, evaluated at the end of every `epochs_per_period` epochs (the baseline too)"
     n,epp = arm_periods(arm, n_periods, epochs_per_period)
     kwargs = {'eval_every': epochs_per_period, **kwargs}
-    return train_reid(dls, n_periods=n, epochs_per_period=epp, restore=arm != 'control', name=arm, **kwargs)
+    return train_reid(dls, n_periods=n, epochs_per_period=epp, restore=arm == 'rollback', name=arm, **kwargs)   # the baseline never reaches a period end: it needs no pre-trained state
 
 def compare_rollback(dls, # `reid_dls` DataLoaders (with query and gallery)
                      n_periods:int=4, # periods of the rolling-back run

@@ -65,6 +65,13 @@ def test_arms(small):
     with pytest.raises(ValueError, match='arm='): train_arm(dls, 'finetune')
     with pytest.raises(ValueError, match='period 3'): runs['rollback'].period_end(3)
 
+def test_baseline_from_random_init(small):
+    "The baseline never rolls back, so it trains from a random init too (the study's `scratch` runs: does pretraining help); rolling back cannot"
+    dls, _ = small
+    run = quiet(train_arm, dls, 'baseline', n_periods=2, epochs_per_period=1, arch='resnet18', pretrained=False)
+    assert sorted(run.evals) == [0, 1] and run.rollback.restore is False
+    with pytest.raises(ValueError, match='no pre-trained state'): quiet(train_arm, dls, 'rollback', n_periods=2, epochs_per_period=1, arch='resnet18', pretrained=False)
+
 def test_compare_rollback_arms_keep_their_checkpoints(small, tmp_path):
     "With `out`, each arm checkpoints into its own folder: no arm resumes or overwrites another's"
     dls, weights = small

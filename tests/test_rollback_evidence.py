@@ -40,19 +40,24 @@ def test_analysis_reads_block_names(ev, tmp_path):
     ev.plot_period_rule(curves, {'a': {'epochs': 2, 'converged': True}}, tmp_path/'rule.png')
     assert (tmp_path/'rule.png').is_file()
 
-def test_budget_period(ev):
+def test_budget_periods(ev):
+    "What is left after the probes sets the periods: a converged source keeps its rule's period, the others share the rest"
     timing = {'a': {'epoch_s': 1., 'eval_s': 1.}, 'b': {'epoch_s': 2., 'eval_s': 1.}}
-    P, est = ev.budget_period(CFG, timing, ['a', 'b'], seconds_left=3600, workers=2)
-    assert ev.cost(P, CFG, timing, ['a', 'b']) <= 0.9*3600*2 < ev.cost(P+1, CFG, timing, ['a', 'b'])
-    assert est == pytest.approx(ev.cost(P, CFG, timing, ['a', 'b'])/(0.9*2))
-    assert ev.budget_period(CFG, timing, ['a'], 3600, 2)[0] > P              # one source: longer periods
-    assert ev.budget_period(CFG, timing, ['a', 'b'], 1, 2)[0] == CFG['min_period']
-    assert ev.budget_period({**CFG, 'probe_epochs': 10}, timing, ['a'], 10**6, 2)[0] == 5      # no longer than the probe can judge
+    study = lambda ps: sum(ev.cost(P, CFG, timing, [n], probe=False) for n, P in ps.items())
+    ps, cap, est = ev.budget_periods(CFG, timing, {'a': None, 'b': None}, seconds_left=3600, workers=2)
+    assert ps == {'a': cap, 'b': cap} and study(ps) <= 0.9*3600*2 < study({'a': cap+1, 'b': cap+1})
+    assert est == pytest.approx(study(ps)/(0.9*2))
+    ps2, cap2, _ = ev.budget_periods(CFG, timing, {'a': 3, 'b': None}, 3600, 2)   # a converged at 3: b gets a's share
+    assert ps2['a'] == 3 and ps2['b'] == cap2 > cap
+    assert ev.budget_periods(CFG, timing, {'a': None}, 3600, 2)[1] > cap          # one source: longer periods
+    assert ev.budget_periods(CFG, timing, {'a': 3, 'b': 5}, 10**6, 2)[0] == {'a': 3, 'b': 5}   # room for both rules
+    assert ev.budget_periods(CFG, timing, {'a': 30, 'b': None}, 1, 2)[0] == {'a': 1, 'b': 1}   # no budget: min_period
+    assert ev.budget_periods({**CFG, 'probe_epochs': 10}, timing, {'a': None}, 10**6, 2)[0] == {'a': 5}   # no longer than the probe can judge
     assert ev.cost(4, CFG, timing, ['a']) - ev.cost(4, CFG, timing, ['a'], probe=False) == pytest.approx(CFG['probe_epochs']*2.)
     own = {**CFG, 'probe_epochs': 10, 'sources': {**CFG['sources'], 'b': {**CFG['sources']['b'], 'probe_epochs': 40}}}   # a source's own probe length
     assert ev.probe_len(own, 'a') == 10 and ev.probe_len(own, 'b') == 40
     assert ev.cost(4, own, timing, ['b']) - ev.cost(4, own, timing, ['b'], probe=False) == pytest.approx(2*40*3.)   # two settings, 40 epochs, 2+1 s each
-    assert ev.budget_period(own, timing, ['a', 'b'], 10**6, 2)[0] == 20   # the longest probe bounds the period
+    assert ev.budget_periods(own, timing, {'a': None, 'b': None}, 10**6, 2)[0] == {'a': 5, 'b': 20}   # each probe bounds its own source
 
 def test_help_documents_the_sources(ev, capsys):
     with pytest.raises(SystemExit): ev.parse_args(['--help'])
@@ -86,6 +91,7 @@ def test_reuse_probes(ev, tmp_path):
     with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, cfg, {'a': {**srcs['a'], 'size': [128, 64]}}, zs)
     with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, cfg, srcs, {'a': {0.: {'mAP': .31}, 1.0: {'mAP': .2}}})
     with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, {**cfg, 'probe_epochs': 6}, srcs, zs)
+    with pytest.raises(ValueError, match='not this run'): ev.reuse_probes(fn, cfg, {'a': {**srcs['a'], 'channels_last': True}}, zs)
 
 def test_replot_from_the_results_file(ev, tmp_path):
     "--replot draws every source's plots again from the records the results file holds, without training"
