@@ -29,10 +29,11 @@ For each source, the setting, fixed from the paper's preconditions before any ar
   converged early leaves its share to the others. A source capped below its rule's P (or with no P within its probe)
   says so: `period_len.converged: false`, with the estimated minutes a study with converged periods would need.
   `period_len.curve` holds the curves; `nbs/images/evidence_period_rule.png` plots them. Timed on 2 cores, one thread a
-  run: ResNet-18 at 64x32 about 3.6 s an epoch and 4.6 s an evaluation; MobileNetV2 at 128x64 about 4.6 s and 4 s with
-  fastai's `ChannelsLast` (6.6 s an epoch without: `channels_last` in its source's configuration; ResNet-18 is slower
-  with it). The synthetic source converges at about 14 epochs; MobileNetV2's mAP still rises at epoch 80
-  (`benchmarks/results/rollback_evidence_probe_mobilenet_v2_128x64.json`: no P up to 40), so its periods are the budget's.
+  run: ResNet-18 at 64x32 about 3.4 s an epoch and 4.4 s an evaluation; MobileNetV2 at 128x64 about 4.6 s and 3.3 s with
+  fastai's `ChannelsLast` (`channels_last` in its source's configuration; `benchmarks/channels_last.py` measures the
+  gain, and that ResNet-18 is slower with it). The synthetic source converges at about 14 epochs; MobileNetV2's mAP
+  still rises at epoch 80 (`benchmarks/results/rollback_evidence_probe_mobilenet_v2_128x64.json`: no P up to 40), so its
+  periods are the budget's.
 - **Gradient measures, size-fair.** Per block: the mean squared gradient per parameter element (as the paper), the
   gradient norm over the weight norm (`BlockGradStats.rel_df`) and the relative weight change per period
   (`PeriodWeightChange`), all in `grad_measures`.
@@ -70,7 +71,7 @@ CONFIG = dict(
         synthetic=dict(arch='resnet18', size=[64, 32], settings=['shift', 'no_shift'],
                        source=dict(n_ids=800, n_cams=16, imgs_per_id_cam=1, epochs=6, lr=0.05, bs=32, seed=0)),
         imagenet_mobilenet_v2=dict(arch='mobilenet_v2', size=[128, 64], settings=['shift'], probe_epochs=48,   # its mAP still rises at epoch 40
-                                   channels_last=True)),   # 1.45x faster training on the CPU (ResNet-18 at 64x32: 0.8x, so not there)
+                                   channels_last=True)),   # faster training on the CPU; ResNet-18 is slower with it (benchmarks/channels_last.py)
 )
 SMALL = dict(
     bs=16, lr=0.01, n_periods=2, seeds=[0, 1, 2],
