@@ -190,14 +190,17 @@ def probe_len(cfg, name):
     "Epochs of the period probe of source `name`: its own `probe_epochs`, else the config's"
     return cfg['sources'][name].get('probe_epochs', cfg['probe_epochs'])
 
+def probe_cost(cfg, timing, sources):
+    "Worker-seconds of the probes of `sources`: `probe_epochs` epochs per setting, each evaluated"
+    return sum(len(cfg['sources'][n]['settings'])*probe_len(cfg, n)*(timing[n]['epoch_s'] + timing[n]['eval_s']) for n in sources)
+
 def cost(P, cfg, timing, sources, probe=True):
-    "Worker-seconds of the probes (`probe_epochs` epochs, each evaluated; unless `probe=False`) and the study of `sources` at period P"
+    "Worker-seconds of the probes (unless `probe=False`) and the study of `sources` at period P"
     S, n = len(cfg['seeds']), cfg['n_periods']
-    total = 0.
+    total = probe_cost(cfg, timing, sources) if probe else 0.
     for name in sources:
         tr, ev = timing[name]['epoch_s'], timing[name]['eval_s']
         k = len(cfg['sources'][name]['settings'])
-        total += k*probe_len(cfg, name)*(tr + ev) if probe else 0.   # probes
         total += k*S*((3*n - 1)*P*tr + (3*n - 1)*ev)            # baseline n P, period1 P, control and rollback (n-1) P each
         total += S*(n*P*tr + n*ev)                              # scratch
     return total
@@ -468,7 +471,7 @@ def main(argv=None):
 
     left = budget_s - (time.perf_counter() - t_all)
     print(f"budget {budget_s/60:.0f} min, {left/60:.1f} min left; the probes take about "
-          f"{(cost(0, cfg, timing, names) - cost(0, cfg, timing, names, probe=False))/(0.9*a.workers)/60:.1f} min", flush=True)
+          f"{probe_cost(cfg, timing, names)/(0.9*a.workers)/60:.1f} min", flush=True)
     if cost(cfg['min_period'], cfg, timing, names) > 0.9*left*a.workers: print('WARNING: the budget does not hold even the shortest period', flush=True)
 
     t0 = time.perf_counter()
