@@ -514,7 +514,7 @@ def main(argv=None):
     first = [task(n, st, s, 'period1') for n in names for st in srcs[n]['settings'] for s in cfg['seeds']]
     first += [task(n, st, s, 'baseline') for n in names for st in srcs[n]['settings'] for s in cfg['seeds']]
     first += [task(n, srcs[n]['settings'][0], s, 'scratch') for n in names for s in cfg['seeds']]
-    first.sort(key=lambda t: -timing[t['source']]['epoch_s']*t['period'])   # the longest first (a period 1 unlocks as much again): a short tail
+    first.sort(key=lambda t: -timing[t['source']]['epoch_s']*t['period'])   # every task is n_periods x P epochs of work (a period 1 with the arm it unlocks, or a baseline): the slowest source first, for a short tail
     then = lambda k: [task(k[0], k[2], k[3], arm) for arm in ('control', 'rollback')] if k[1] == 'period1' else []
     records = join_period1(run_all(first, a.workers, then))
     shutil.rmtree(data/'runs', ignore_errors=True)
